@@ -1,0 +1,613 @@
+"""The REST API: every action of the UI is one of these routes. Querysets are filtered by owner,
+so one user's objects are invisible (404) to everybody else."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Q
+from django.http import FileResponse
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.response import Response
+
+from ml_core.checkpoint import read_checkpoint
+
+from . import tasks, threshold_stats
+from .exceptions import BadInput, Conflict
+from .ingest import import_coco, ingest_upload, parse_coco_bytes
+from .jobs import mark_stale_jobs
+from .models import (Dataset, Evaluation, Image, InferenceRun, Job, ModelCheckpoint, Prediction, Project,
+                     PseudoLabelSet, Review, TrainingRun)
+from .permissions import owned
+from .serializers import (DatasetSerializer, EvaluationSerializer, ImageSerializer, InferenceRunSerializer,
+                          JobSerializer, ModelCheckpointSerializer, ProjectSerializer, PseudoLabelSetSerializer,
+                          ReviewSerializer, TrainingRunSerializer)
+from .selection_apply import thresholds_by_category
+
+MESSAGE = inline_serializer("Message", {"message": serializers.CharField()})
+ERRORS = {400: OpenApiResponse(MESSAGE, description="bad input; `message` says what"),
+          404: OpenApiResponse(MESSAGE, description="no such object among yours")}
+FILE_RESULTS = inline_serializer("FileResults", {"files": serializers.ListField(child=serializers.DictField()),
+                                                 "counts": serializers.DictField()})
+
+
+def _new_job(request, project, kind) -> Job:
+    return Job.objects.create(project=project, owner=request.user, kind=kind)
+
+
+def _refresh_stale(job_qs):
+    mark_stale_jobs(job_qs)
+
+
+class ProjectViewSet(viewsets.ModelViewSet):
+    serializer_class = ProjectSerializer
+
+    def get_queryset(self):
+        return owned(Project.objects.all(), self.request.user, "owner")
+
+    def perform_create(self, serializer):
+        serializer.save(owner=self.request.user)
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, **ERRORS})
+    @action(detail=True)
+    def pipeline(self, request, pk=None):
+        """The state of each step: labeled data, teacher, unlabeled data, inference, review, student, evaluation."""
+        p = self.get_object()
+        _refresh_stale(Job.objects.filter(project=p))
+        ds = {r: list(p.datasets.filter(role=r).annotate(n=Count("images")).values("id", "name", "n"))
+              for r in ("labeled", "unlabeled", "validation")}
+
+        def last(qs):
+            o = qs.select_related("job").first()
+            return None if o is None else {"id": o.id, "state": o.job.state, "progress": o.job.progress,
+                                           "message": o.job.message}
+        runs = p.training_runs
+        return Response({
+            "datasets": ds,
+            "teacher": last(runs.filter(role="teacher")),
+            "teacher_checkpoints": list(p.checkpoints.filter(role="teacher").values("id", "name", "arch", "created")),
+            "inference": last(p.inference_runs),
+            "reviews": Review.objects.filter(run__project=p).count(),
+            "pseudo_label_set": last(p.pseudo_label_sets),
+            "student": last(runs.filter(role="student")),
+            "evaluations": EvaluationSerializer(p.evaluations.select_related("checkpoint", "job")[:20], many=True).data,
+        })
+
+
+class DatasetViewSet(viewsets.ModelViewSet):
+    serializer_class = DatasetSerializer
+    parser_classes = [JSONParser, MultiPartParser, FormParser]
+
+    def get_queryset(self):
+        qs = owned(Dataset.objects.all(), self.request.user).annotate(
+            image_count=Count("images", distinct=True), annotation_count=Count("images__annotations"))
+        for f in ("project", "role"):
+            if self.request.query_params.get(f):
+                qs = qs.filter(**{f: self.request.query_params[f]})
+        return qs
+
+    def perform_destroy(self, instance):
+        if instance.inference_runs.exists():
+            raise Conflict("inference runs use this dataset; delete them first")
+        instance.delete()
+
+    @extend_schema(request={"multipart/form-data": inline_serializer("ImageUpload", {
+        "files": serializers.ListField(child=serializers.FileField())})}, responses={200: FILE_RESULTS, **ERRORS})
+    @action(detail=True, methods=["post"], parser_classes=[MultiPartParser])
+    def upload(self, request, pk=None):
+        """Many image files at once; each gets accepted, duplicate, or rejected with a reason."""
+        ds = self.get_object()
+        files = request.FILES.getlist("files") or request.FILES.getlist("file")
+        if not files:
+            raise BadInput("send the images as multipart field 'files'")
+        results = [ingest_upload(ds, f).to_dict() for f in files]
+        counts = {s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")}
+        return Response({"files": results, "counts": counts})
+
+    @extend_schema(request={"multipart/form-data": inline_serializer("ZipUpload", {"file": serializers.FileField()})},
+                   responses={202: JobSerializer, **ERRORS})
+    @action(detail=True, methods=["post"], url_path="upload-zip", parser_classes=[MultiPartParser])
+    def upload_zip(self, request, pk=None):
+        """A zip of images (and, for labeled/validation sets, one COCO JSON), ingested by a CPU worker."""
+        ds = self.get_object()
+        f = request.FILES.get("file")
+        if f is None:
+            raise BadInput("send the zip as multipart field 'file'")
+        if f.size > settings.DISTILL_MAX_ZIP_BYTES:
+            raise BadInput(f"the zip is {f.size:,} bytes, above the limit of {settings.DISTILL_MAX_ZIP_BYTES:,}")
+        tmp_dir = ds.folder / "incoming"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=tmp_dir, suffix=".zip")
+        with os.fdopen(fd, "wb") as out:
+            for chunk in f.chunks():
+                out.write(chunk)
+        job = _new_job(request, ds.project, "ingest")
+        transaction.on_commit(lambda: tasks.ingest_zip_task.delay(job.pk, ds.pk, path))
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request={"multipart/form-data": inline_serializer("CocoUpload", {
+        "file": serializers.FileField(), "skip_invalid": serializers.BooleanField(required=False)}),
+        "application/json": OpenApiTypes.OBJECT}, responses={200: OpenApiTypes.OBJECT, **ERRORS})
+    @action(detail=True, methods=["post"], url_path="import-coco", parser_classes=[MultiPartParser, JSONParser])
+    def import_coco(self, request, pk=None):
+        """COCO JSON annotations for the images already uploaded (matched by file name). All or nothing."""
+        ds = self.get_object()
+        f = request.FILES.get("file")
+        skip = str(request.data.get("skip_invalid", request.query_params.get("skip_invalid", ""))).lower() in ("1", "true", "yes")
+        doc = parse_coco_bytes(f.read(), f.name) if f is not None else request.data
+        if not isinstance(doc, dict) or "images" not in doc:
+            raise BadInput("send a COCO JSON document (as multipart field 'file' or as the JSON body)")
+        return Response(import_coco(ds, doc, skip_invalid=skip))
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, **ERRORS})
+    @action(detail=True)
+    def export(self, request, pk=None):
+        """The dataset as COCO JSON (file_name as uploaded)."""
+        from .ingest import dataset_to_coco
+        ds = self.get_object()
+        doc = dataset_to_coco(ds)
+        names = dict(Image.objects.filter(dataset=ds).values_list("id", "file_name"))
+        for im in doc["images"]:
+            im["file_name"] = names[im["id"]]
+        return Response(doc)
+
+
+class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    serializer_class = ImageSerializer
+
+    def get_queryset(self):
+        qs = owned(Image.objects.all(), self.request.user, "dataset__project__owner").prefetch_related("annotations")
+        if self.request.query_params.get("dataset"):
+            qs = qs.filter(dataset=self.request.query_params["dataset"])
+        return qs
+
+    @extend_schema(parameters=[OpenApiParameter("dataset", int)])
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(responses={(200, "image/*"): OpenApiTypes.BINARY, **ERRORS})
+    @action(detail=True)
+    def file(self, request, pk=None):
+        img = self.get_object()
+        resp = FileResponse(open(img.path, "rb"))
+        resp["Cache-Control"] = "private, max-age=86400"
+        return resp
+
+    @extend_schema(responses={(200, "image/jpeg"): OpenApiTypes.BINARY, **ERRORS})
+    @action(detail=True)
+    def thumbnail(self, request, pk=None):
+        img = self.get_object()
+        resp = FileResponse(open(Path(settings.MEDIA_ROOT) / (img.thumbnail or img.file), "rb"))
+        resp["Cache-Control"] = "private, max-age=86400"
+        return resp
+
+
+class ModelCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+                             viewsets.GenericViewSet):
+    serializer_class = ModelCheckpointSerializer
+
+    def get_queryset(self):
+        qs = owned(ModelCheckpoint.objects.all(), self.request.user)
+        if self.request.query_params.get("project"):
+            qs = qs.filter(project=self.request.query_params["project"])
+        return qs
+
+    def perform_destroy(self, instance):
+        if instance.inference_runs.exists():
+            raise Conflict("inference runs use this checkpoint; delete them first")
+        instance.delete()
+
+    @extend_schema(request={"multipart/form-data": inline_serializer("CheckpointUpload", {
+        "project": serializers.IntegerField(), "file": serializers.FileField(),
+        "role": serializers.ChoiceField(choices=["teacher", "student"], required=False),
+        "name": serializers.CharField(required=False)})}, responses={201: ModelCheckpointSerializer, **ERRORS})
+    @action(detail=False, methods=["post"], parser_classes=[MultiPartParser])
+    def upload(self, request):
+        """Import a Distill checkpoint (e.g. a teacher trained elsewhere with `distill train`)."""
+        project = owned(Project.objects.all(), request.user, "owner").filter(pk=request.data.get("project")).first()
+        if project is None:
+            raise BadInput("project: no such project of yours")
+        f = request.FILES.get("file")
+        if f is None:
+            raise BadInput("send the checkpoint as multipart field 'file'")
+        folder = project.folder / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=folder, suffix=".pt")
+        with os.fdopen(fd, "wb") as out:
+            for chunk in f.chunks():
+                out.write(chunk)
+        try:
+            meta = read_checkpoint(path)["meta"]
+            cats = [(c["id"], c["name"]) for c in meta["categories"]]
+            if project.categories and cats != [(c["id"], c["name"]) for c in project.categories]:
+                raise ValueError(f"the checkpoint's categories {cats} differ from the project's")
+        except Exception:
+            os.unlink(path)
+            raise
+        ckpt = ModelCheckpoint.objects.create(project=project, name=request.data.get("name") or f.name,
+                                              role=request.data.get("role", "teacher"), arch=meta["arch"],
+                                              file=str(Path(path).relative_to(settings.MEDIA_ROOT)), meta=meta)
+        if not project.categories:
+            project.categories = meta["categories"]
+            project.save(update_fields=["categories"])
+        return Response(self.get_serializer(ckpt).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, **ERRORS})
+    @action(detail=True)
+    def download(self, request, pk=None):
+        c = self.get_object()
+        return FileResponse(open(c.path, "rb"), as_attachment=True, filename=f"{c.role}-{c.pk}-{c.arch}.pt")
+
+
+class JobControl:
+    """cancel and retry for objects that own a job."""
+
+    def _cancel(self, obj):
+        job = obj.job
+        if job.is_final:
+            raise Conflict(f"the job is already {job.state}")
+        Job.objects.filter(pk=job.pk).update(cancel_requested=True)
+        if job.state == Job.QUEUED:
+            Job.objects.filter(pk=job.pk, state=Job.QUEUED).update(state=Job.CANCELLED, finished=timezone.now())
+        job.refresh_from_db()
+        return Response(JobSerializer(job).data)
+
+    def _retry(self, obj, send):
+        job = obj.job
+        if job.state not in (Job.FAILED, Job.CANCELLED):
+            raise Conflict(f"only failed or cancelled jobs can be retried; this one is {job.state}")
+        Job.objects.filter(pk=job.pk).update(state=Job.QUEUED, error="", cancel_requested=False, finished=None,
+                                             message="retrying: resumes from what was saved")
+        transaction.on_commit(send)
+        job.refresh_from_db()
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+PREDICTION_PARAMS = [
+    OpenApiParameter("ordering", str, enum=["agreement", "-agreement", "max_score", "-max_score", "image"],
+                     description="agreement = least agreement between views first"),
+    OpenApiParameter("category", int, description="only images with an instance of this category id"),
+    OpenApiParameter("review", str, enum=["none", "accepted", "rejected", "edited", "any"]),
+    OpenApiParameter("min_score", float, description="only images whose best instance scores at least this"),
+    OpenApiParameter("image", int, description="only this image"),
+    OpenApiParameter("views", bool, description="include every single view's predictions (default true)"),
+]
+
+
+class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                          mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    serializer_class = InferenceRunSerializer
+
+    def get_queryset(self):
+        qs = owned(InferenceRun.objects.select_related("job", "project"), self.request.user)
+        if self.request.query_params.get("project"):
+            qs = qs.filter(project=self.request.query_params["project"])
+        _refresh_stale(Job.objects.filter(inference_run__in=qs))
+        return qs
+
+    def perform_create(self, serializer):
+        from ml_core.transforms import TransformSet
+        project = serializer.validated_data["project"]
+        job = _new_job(self.request, project, "infer")
+        n = Image.objects.filter(dataset=serializer.validated_data["dataset"]).count()
+        v = serializer.validated_data.get("validation")
+        if v is not None:
+            n += Image.objects.filter(dataset=v).count()
+        cs = serializer.validated_data["chunk_size"]
+        views = [vw.name for vw in TransformSet.from_dict(serializer.validated_data["transforms"]).views]
+        run = serializer.save(job=job, chunks_total=math.ceil(n / cs), view_names=views)
+        transaction.on_commit(lambda: tasks.launch_inference(run))
+
+    def perform_destroy(self, instance):
+        if instance.pseudo_label_sets.exists():
+            raise Conflict("pseudo-label sets were made from this run; delete them first")
+        job = instance.job
+        instance.delete()
+        job.delete()
+
+    @extend_schema(request=None, responses={200: JobSerializer, 409: MESSAGE})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        return self._cancel(self.get_object())
+
+    @extend_schema(request=None, responses={202: JobSerializer, 409: MESSAGE})
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        """Run the chunks that are not done yet (a killed worker's chunk is redone), then finalise."""
+        run = self.get_object()
+        return self._retry(run, lambda: tasks.launch_inference(run))
+
+    @extend_schema(parameters=PREDICTION_PARAMS, responses={200: OpenApiTypes.OBJECT, **ERRORS})
+    @action(detail=True)
+    def predictions(self, request, pk=None):
+        """Per image: the ensembled prediction, every single view's, the agreement and the review."""
+        run = self.get_object()
+        qs = Prediction.objects.filter(run=run, image__dataset=run.dataset)
+        p = request.query_params
+        order = p.get("ordering", "image")
+        fields = {"agreement": ("agreement", "image_id"), "-agreement": ("-agreement", "image_id"),
+                  "max_score": ("max_score", "image_id"), "-max_score": ("-max_score", "image_id"), "image": ("image_id",)}
+        if order not in fields:
+            raise BadInput(f"ordering must be one of {', '.join(fields)}")
+        if p.get("category"):
+            idx = [i for i, c in enumerate(run.project.categories) if str(c["id"]) == p["category"]]
+            if not idx:
+                raise BadInput(f"category {p['category']} is not one of the project's")
+            qs = qs.extra(where=["(class_mask & %s) != 0"], params=[1 << idx[0]])
+        if p.get("image"):
+            qs = qs.filter(image_id=p["image"])
+        if p.get("min_score"):
+            try:
+                qs = qs.filter(max_score__gte=float(p["min_score"]))
+            except ValueError:
+                raise BadInput("min_score must be a number") from None
+        review = p.get("review")
+        if review == "none":
+            qs = qs.exclude(image__reviews__run=run)
+        elif review == "any":
+            qs = qs.filter(image__reviews__run=run)
+        elif review in ("accepted", "rejected", "edited"):
+            qs = qs.filter(image__reviews__run=run, image__reviews__state=review)
+        elif review:
+            raise BadInput("review must be one of none, accepted, rejected, edited, any")
+        with_views = p.get("views", "true").lower() not in ("0", "false", "no")
+        cols = ["id", "image_id", "agreement", "max_score", "num_instances", "ensembled", "error",
+                "image__width", "image__height", "image__file_name"] + (["views"] if with_views else [])
+        qs = qs.order_by(*fields[order]).values(*cols)
+        page = self.paginate_queryset(qs)
+        reviews = {r["image_id"]: r for r in Review.objects.filter(run=run, image_id__in=[r["image_id"] for r in page])
+                   .values("id", "image_id", "state", "instances", "updated")}
+        out = []
+        for r in page:
+            out.append({"image": r["image_id"], "file_name": r["image__file_name"], "width": r["image__width"],
+                        "height": r["image__height"], "url": f"/api/images/{r['image_id']}/file/",
+                        "thumbnail_url": f"/api/images/{r['image_id']}/thumbnail/", "agreement": r["agreement"],
+                        "max_score": r["max_score"], "num_instances": r["num_instances"], "ensembled": r["ensembled"],
+                        "views": r.get("views"), "error": r["error"], "review": reviews.get(r["image_id"])})
+        return self.get_paginated_response(out)
+
+    @extend_schema(parameters=[
+        OpenApiParameter("threshold", float, description="global threshold in [0, 1] (default: the automatic one, else 0.5)"),
+        OpenApiParameter("thresholds", str, description='per-class JSON, e.g. {"1": 0.7, "default": 0.5}')],
+        responses={200: OpenApiTypes.OBJECT, **ERRORS, 409: MESSAGE})
+    @action(detail=True, url_path="threshold-stats")
+    def threshold_stats(self, request, pk=None):
+        """Score histograms per class, kept instances per image and images with labels against the
+        threshold, the automatic threshold, and precision/recall on the validation set."""
+        run = self.get_object()
+        if run.job.state != Job.SUCCEEDED:
+            raise Conflict(f"the run is {run.job.state}; statistics come when it has succeeded")
+        th = {"default": run.auto_threshold if run.auto_threshold is not None else 0.5}
+        try:
+            if request.query_params.get("thresholds"):
+                extra = json.loads(request.query_params["thresholds"])
+                if not isinstance(extra, dict):
+                    raise BadInput("thresholds must be a JSON object")
+                th.update(extra)
+            if request.query_params.get("threshold") is not None:
+                th["default"] = float(request.query_params["threshold"])
+        except (json.JSONDecodeError, TypeError):
+            raise BadInput("thresholds must be JSON like {\"1\": 0.7}") from None
+        except ValueError:
+            raise BadInput("threshold must be a number in [0, 1]") from None
+        return Response(threshold_stats.at(run, thresholds_by_category(th)))
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 409: MESSAGE})
+    @action(detail=True)
+    def scores(self, request, pk=None):
+        """Every ensembled score (flat arrays) so a browser can recompute the statistics live."""
+        run = self.get_object()
+        if run.job.state != Job.SUCCEEDED:
+            raise Conflict(f"the run is {run.job.state}")
+        return Response(threshold_stats.scores_payload(run))
+
+    @extend_schema(request=inline_serializer("BulkAccept", {"threshold": serializers.FloatField(required=False),
+                                                            "thresholds": serializers.DictField(required=False)}),
+                   responses={200: OpenApiTypes.OBJECT, **ERRORS})
+    @action(detail=True, methods=["post"], url_path="bulk-accept")
+    def bulk_accept(self, request, pk=None):
+        """Accept every unreviewed image that has an instance at or above the threshold."""
+        run = self.get_object()
+        th = thresholds_by_category({"default": request.data.get("threshold", 0.5), **(request.data.get("thresholds") or {})})
+        reviewed = set(Review.objects.filter(run=run).values_list("image_id", flat=True))
+        low = min(th.values())
+        new = []
+        for image_id, ens in Prediction.objects.filter(run=run, image__dataset=run.dataset, max_score__gte=low) \
+                .values_list("image_id", "ensembled").iterator(chunk_size=2000):
+            if image_id in reviewed:
+                continue
+            if any(d["score"] >= th.get(str(d["category_id"]), th["default"]) for d in ens):
+                new.append(Review(run=run, image_id=image_id, state="accepted", user=request.user,
+                                  history=[{"state": None, "instances": None, "at": timezone.now().isoformat()}]))
+        Review.objects.bulk_create(new, batch_size=1000, ignore_conflicts=True)
+        return Response({"accepted": len(new)})
+
+
+class ReviewViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+                    mixins.CreateModelMixin, mixins.UpdateModelMixin, viewsets.GenericViewSet):
+    """POST creates or replaces the review of (run, image); the previous version goes to history."""
+
+    serializer_class = ReviewSerializer
+
+    def get_queryset(self):
+        qs = owned(Review.objects.all(), self.request.user, "run__project__owner")
+        for f in ("run", "image", "state"):
+            if self.request.query_params.get(f):
+                qs = qs.filter(**{f: self.request.query_params[f]})
+        return qs.order_by("-updated")
+
+    def create(self, request, *args, **kwargs):
+        ser = self.get_serializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        d = ser.validated_data
+        with transaction.atomic():
+            review = Review.objects.select_for_update().filter(run=d["run"], image=d["image"]).first()
+            if review is None:
+                try:
+                    review = Review.objects.create(run=d["run"], image=d["image"], state=d["state"],
+                                                   instances=d.get("instances"), user=request.user,
+                                                   history=[{"state": None, "instances": None, "at": timezone.now().isoformat()}])
+                except IntegrityError:
+                    raise Conflict("a review of this image was saved at the same moment; reload and retry") from None
+                return Response(self.get_serializer(review).data, status=status.HTTP_201_CREATED)
+            self._push(review, d["state"], d.get("instances"), request.user)
+        return Response(self.get_serializer(review).data)
+
+    def perform_update(self, serializer):
+        r = serializer.instance
+        d = serializer.validated_data
+        self._push(r, d.get("state", r.state), d.get("instances", r.instances), self.request.user)
+
+    @staticmethod
+    def _push(review, state, instances, user):
+        review.history = review.history + [{"state": review.state, "instances": review.instances,
+                                            "at": timezone.now().isoformat()}]
+        review.state, review.instances, review.user = state, instances, user
+        review.save()
+
+    @extend_schema(request=None, responses={200: ReviewSerializer, 204: None, **ERRORS})
+    @action(detail=True, methods=["post"])
+    def undo(self, request, pk=None):
+        """Back to the previous version; undoing the first version removes the review."""
+        review = self.get_object()
+        if not review.history or review.history[-1]["state"] is None:
+            review.delete()
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        prev = review.history[-1]
+        review.state, review.instances, review.history = prev["state"], prev["instances"], review.history[:-1]
+        review.save()
+        return Response(self.get_serializer(review).data)
+
+
+class PseudoLabelSetViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                            mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    serializer_class = PseudoLabelSetSerializer
+
+    def get_queryset(self):
+        qs = owned(PseudoLabelSet.objects.select_related("job"), self.request.user)
+        if self.request.query_params.get("project"):
+            qs = qs.filter(project=self.request.query_params["project"])
+        return qs
+
+    def perform_create(self, serializer):
+        run = serializer.validated_data["run"]
+        job = _new_job(self.request, run.project, "pseudo_labels")
+        pls = serializer.save(project=run.project, job=job)
+        transaction.on_commit(lambda: tasks.build_pseudo_labels.delay(pls.pk))
+
+    def perform_destroy(self, instance):
+        if instance.training_runs.exists():
+            raise Conflict("training runs used this set; it is kept as their record")
+        job = instance.job
+        instance.delete()
+        job.delete()
+
+    @extend_schema(responses={(200, "application/json"): OpenApiTypes.BINARY, 409: MESSAGE, 404: MESSAGE})
+    @action(detail=True)
+    def export(self, request, pk=None):
+        """The pseudo-labels as COCO JSON, with scores."""
+        pls = self.get_object()
+        if pls.job.state != Job.SUCCEEDED:
+            raise Conflict(f"the set is {pls.job.state}")
+        return FileResponse(open(pls.path, "rb"), as_attachment=True, filename=f"pseudo_labels_{pls.pk}.json",
+                            content_type="application/json")
+
+
+class TrainingRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                         viewsets.GenericViewSet):
+    serializer_class = TrainingRunSerializer
+
+    def get_queryset(self):
+        qs = owned(TrainingRun.objects.select_related("job"), self.request.user)
+        for f in ("project", "role"):
+            if self.request.query_params.get(f):
+                qs = qs.filter(**{f: self.request.query_params[f]})
+        _refresh_stale(Job.objects.filter(training_run__in=qs))
+        return qs
+
+    def create(self, request, *args, **kwargs):
+        """Launch training. A repeated request_key returns the run it already started (no second run)."""
+        key = str(request.data.get("request_key") or "")
+        if key:
+            existing = self.get_queryset().filter(request_key=key, project=request.data.get("project")).first()
+            if existing:
+                return Response(self.get_serializer(existing).data, status=status.HTTP_200_OK)
+        return super().create(request, *args, **kwargs)
+
+    def perform_create(self, serializer):
+        project = serializer.validated_data["project"]
+        with transaction.atomic():
+            job = _new_job(self.request, project, "train")
+            try:
+                with transaction.atomic():
+                    run = serializer.save(job=job)
+            except IntegrityError:
+                raise Conflict("a run with this request_key was just started") from None
+        transaction.on_commit(lambda: tasks.train_model.delay(run.pk))
+
+    @extend_schema(request=None, responses={200: JobSerializer, 409: MESSAGE})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        return self._cancel(self.get_object())
+
+    @extend_schema(request=None, responses={202: JobSerializer, 409: MESSAGE})
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        """Continue from the last saved checkpoint."""
+        run = self.get_object()
+        return self._retry(run, lambda: tasks.train_model.delay(run.pk))
+
+
+class EvaluationViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = EvaluationSerializer
+
+    def get_queryset(self):
+        qs = owned(Evaluation.objects.select_related("job", "checkpoint"), self.request.user)
+        for f in ("project", "checkpoint", "dataset"):
+            if self.request.query_params.get(f):
+                qs = qs.filter(**{f: self.request.query_params[f]})
+        return qs
+
+    def perform_create(self, serializer):
+        ckpt = serializer.validated_data["checkpoint"]
+        job = _new_job(self.request, ckpt.project, "evaluate")
+        ev = serializer.save(project=ckpt.project, job=job)
+        transaction.on_commit(lambda: tasks.evaluate_checkpoint.delay(ev.pk))
+
+
+class JobViewSet(viewsets.ReadOnlyModelViewSet):
+    serializer_class = JobSerializer
+
+    def get_queryset(self):
+        qs = Job.objects.filter(owner=self.request.user) if self.request.user.is_authenticated else Job.objects.none()
+        _refresh_stale(qs)
+        return qs
+
+    @extend_schema(request=None, responses={200: JobSerializer, 409: MESSAGE})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        job = self.get_object()
+        if job.is_final:
+            raise Conflict(f"the job is already {job.state}")
+        Job.objects.filter(pk=job.pk).update(cancel_requested=True)
+        Job.objects.filter(pk=job.pk, state=Job.QUEUED).update(state=Job.CANCELLED, finished=timezone.now())
+        job.refresh_from_db()
+        return Response(JobSerializer(job).data)
+
+    @extend_schema(request=None, responses={202: JobSerializer})
+    @action(detail=False, methods=["post"])
+    def ping(self, request):
+        """Send a no-op job through the broker to a worker: shows the workers are alive."""
+        job = Job.objects.create(owner=request.user, kind="ping")
+        transaction.on_commit(lambda: tasks.ping.delay(job.pk))
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)

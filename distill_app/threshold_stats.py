@@ -1,0 +1,146 @@
+"""Statistics a reviewer needs to choose a threshold, for one inference run.
+
+`build` runs once when a run finishes: it flattens every ensembled score into arrays (saved as
+stats.npz beside the run) and precomputes the curves over a threshold grid. `at` answers a query
+for any global or per-class thresholds from those arrays in a few milliseconds, so the API can
+serve it on every slider release and the browser can compute the same live from /scores/.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+
+from ml_core import selection
+
+from .models import Annotation, Image, InferenceRun, Prediction
+
+GRID = selection.default_grid(0.02)
+
+
+def _paths(run: InferenceRun):
+    return run.folder / "stats.npz", run.folder / "stats.json"
+
+
+def labeled_instances_per_image(run: InferenceRun) -> float | None:
+    labeled = run.project.datasets.filter(role="labeled")
+    n_img = Image.objects.filter(dataset__in=labeled).count()
+    if not n_img:
+        return None
+    return Annotation.objects.filter(image__dataset__in=labeled).count() / n_img
+
+
+def build(run: InferenceRun) -> dict:
+    image_ids = list(Image.objects.filter(dataset=run.dataset).order_by("id").values_list("id", flat=True))
+    index = {i: n for n, i in enumerate(image_ids)}
+    scores, cats, imgs = [], [], []
+    per_image_scores = [[] for _ in image_ids]
+    rows = Prediction.objects.filter(run=run, image__dataset=run.dataset).values_list("image_id", "ensembled")
+    for image_id, ens in rows.iterator(chunk_size=2000):
+        n = index[image_id]
+        for d in ens:
+            scores.append(d["score"])
+            cats.append(d["category_id"])
+            imgs.append(n)
+            per_image_scores[n].append(d["score"])
+    u_scores, u_cats, u_img = np.asarray(scores, np.float32), np.asarray(cats, np.int32), np.asarray(imgs, np.int32)
+
+    v_scores, v_cats, v_tp, num_gt = np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, bool), {}
+    if run.validation_id:
+        gt: dict[int, list] = {}
+        for image_id, cat, bbox in Annotation.objects.filter(image__dataset=run.validation).values_list(
+                "image_id", "category_id", "bbox"):
+            gt.setdefault(image_id, []).append((cat, bbox))
+            num_gt[str(cat)] = num_gt.get(str(cat), 0) + 1
+        vs, vc, vt = [], [], []
+        for image_id, ens in Prediction.objects.filter(run=run, image__dataset=run.validation).values_list(
+                "image_id", "ensembled").iterator(chunk_size=2000):
+            g = gt.get(image_id, [])
+            boxes = [[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (d["bbox"] for d in ens)]
+            tp = selection.match_predictions(boxes, [d["score"] for d in ens], [d["category_id"] for d in ens],
+                                             [[b[0], b[1], b[0] + b[2], b[1] + b[3]] for _, b in g], [c for c, _ in g])
+            vs += [d["score"] for d in ens]
+            vc += [d["category_id"] for d in ens]
+            vt += tp.tolist()
+        v_scores, v_cats, v_tp = np.asarray(vs, np.float32), np.asarray(vc, np.int32), np.asarray(vt, bool)
+
+    target = labeled_instances_per_image(run)
+    auto = selection.auto_threshold(u_scores, len(image_ids), target) if (target is not None and image_ids) else None
+    summary = {
+        "images": len(image_ids),
+        "instances": int(len(u_scores)),
+        "labeled_instances_per_image": None if target is None else round(target, 4),
+        "auto_threshold": None if auto is None else round(auto, 4),
+        "histograms": selection.score_histograms(u_scores, u_cats, bins=20),
+        "curves": selection.kept_curves(per_image_scores, GRID),
+        "validation": None,
+    }
+    if run.validation_id:
+        summary["validation"] = {"images": Image.objects.filter(dataset=run.validation).count(),
+                                 "ground_truth": int(sum(num_gt.values())),
+                                 **selection.precision_recall(v_scores, v_tp, int(sum(num_gt.values())), GRID)}
+    npz, js = _paths(run)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(str(npz) + ".tmp.npz", u_scores=u_scores, u_cats=u_cats, u_img=u_img, n_images=len(image_ids),
+             v_scores=v_scores, v_cats=v_cats, v_tp=v_tp, num_gt=np.asarray(sum(num_gt.values())))
+    os.replace(str(npz) + ".tmp.npz", npz)
+    js.write_text(json.dumps(summary))
+    InferenceRun.objects.filter(pk=run.pk).update(auto_threshold=auto, labeled_per_image=target)
+    return {"images": summary["images"], "instances": summary["instances"], "auto_threshold": summary["auto_threshold"]}
+
+
+@functools.lru_cache(maxsize=8)
+def _load(npz_path: str, json_path: str, mtime: float):
+    with np.load(npz_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    with open(json_path) as f:
+        summary = json.load(f)
+    return arrays, summary
+
+
+def load(run: InferenceRun):
+    npz, js = _paths(run)
+    if not npz.exists():
+        raise FileNotFoundError("statistics are computed when the run has finished")
+    return _load(str(npz), str(js), os.path.getmtime(npz))
+
+
+def _per_instance(cats: np.ndarray, thresholds: dict) -> np.ndarray:
+    t = np.full(cats.shape, thresholds.get("default", 0.5), dtype=np.float32)
+    for k, v in thresholds.items():
+        if k != "default":
+            t[cats == int(k)] = v
+    return t
+
+
+def at(run: InferenceRun, thresholds: dict) -> dict:
+    """The precomputed summary plus what the given thresholds keep (and, on the validation
+    split, their precision and recall at IoU 0.5)."""
+    a, summary = load(run)
+    n = int(a["n_images"])
+    keep = a["u_scores"] >= _per_instance(a["u_cats"], thresholds)
+    kept_imgs = np.bincount(a["u_img"][keep], minlength=max(n, 1)) > 0 if n else np.zeros(0, bool)
+    current = {"thresholds": thresholds, "instances": int(keep.sum()),
+               "instances_per_image": round(float(keep.sum()) / n, 4) if n else 0.0,
+               "images_with_labels": int(kept_imgs.sum()), "images": n,
+               "per_category": {str(int(c)): int((keep & (a["u_cats"] == c)).sum()) for c in np.unique(a["u_cats"])}}
+    if summary.get("validation"):
+        vk = a["v_scores"] >= _per_instance(a["v_cats"], thresholds)
+        tp = int((a["v_tp"] & vk).sum())
+        ngt = int(a["num_gt"])
+        current["precision"] = round(tp / int(vk.sum()), 4) if vk.sum() else 1.0
+        current["recall"] = round(tp / ngt, 4) if ngt else 0.0
+    return {**summary, "current": current}
+
+
+def scores_payload(run: InferenceRun) -> dict:
+    """Every ensembled score of the run as flat arrays, for live statistics in the browser."""
+    a, summary = load(run)
+    image_ids = list(Image.objects.filter(dataset=run.dataset).order_by("id").values_list("id", flat=True))
+    return {"image_ids": image_ids, "scores": np.round(a["u_scores"], 4).tolist(), "categories": a["u_cats"].tolist(),
+            "image_index": a["u_img"].tolist(),
+            "validation": {"scores": np.round(a["v_scores"], 4).tolist(), "categories": a["v_cats"].tolist(),
+                           "tp": a["v_tp"].astype(int).tolist(), "ground_truth": int(a["num_gt"])},
+            "summary": summary}

@@ -1,0 +1,153 @@
+/* The project page: the pipeline as steps, data, teacher, inference, students and evaluation. */
+"use strict";
+(() => {
+  const {api, all, h, fail, toast, progressBar} = Distill;
+  const app = document.getElementById("app");
+  const PID = +app.dataset.project, TASK = app.dataset.task;
+  const ARCHS = TASK === "keypoints"
+    ? ["keypointrcnn_tiny", "keypointrcnn_resnet18_fpn", "keypointrcnn_resnet50_fpn"]
+    : ["fasterrcnn_tiny", "fasterrcnn_resnet18_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn"];
+  let apChart = null;
+  const FINAL = ["succeeded", "failed", "cancelled"];
+
+  document.getElementById("arch").replaceChildren(...ARCHS.map((a) => h("option", {value: a}, a)));
+
+  function jobLine(job, link) {
+    return h("div", {class: "job " + job.state},
+      h("span", {class: "badge " + job.state}, job.state), " ",
+      link || "", job.state === "running" || job.state === "queued" ? progressBar(job.progress, job.message || job.state) : "",
+      job.error ? h("div", {class: "error"}, job.error) : "");
+  }
+
+  function fillSelect(sel, items, label, allowEmpty) {
+    const keep = sel.value;
+    sel.replaceChildren(...(allowEmpty ? [h("option", {value: ""}, "none")] : []), ...items.map((i) => h("option", {value: i.id}, label(i))));
+    if ([...sel.options].some((o) => o.value === keep)) sel.value = keep;
+  }
+
+  async function renderSteps(p) {
+    const st = (o) => (o ? o.state : "todo");
+    const steps = [
+      ["Labeled data", p.datasets.labeled.some((d) => d.n) ? "done" : "todo"],
+      ["Teacher", p.teacher_checkpoints.length ? "done" : st(p.teacher)],
+      ["Unlabeled data", p.datasets.unlabeled.some((d) => d.n) ? "done" : "todo"],
+      ["Inference", st(p.inference)],
+      ["Review", p.reviews ? `${p.reviews} reviewed` : "todo"],
+      ["Student", st(p.student)],
+      ["Evaluation", p.evaluations.some((e) => e.checkpoint_role === "student" && e.job.state === "succeeded") ? "done" : "todo"],
+    ];
+    document.getElementById("steps").replaceChildren(...steps.map(([name, s], i) =>
+      h("li", {class: "step " + s.split(" ")[0]}, h("span", {class: "n"}, i + 1), h("b", {}, name), h("small", {}, s))));
+  }
+
+  async function renderDatasets() {
+    const ds = await all(`/api/datasets/?project=${PID}`);
+    const box = document.getElementById("datasets");
+    box.replaceChildren(...ds.map((d) => {
+      const results = h("div", {class: "upload-results"});
+      const zone = h("div", {class: "drop", tabindex: 0, "data-dataset": d.id}, "Drop images or a .zip here, or click to choose");
+      Uploader.attach(zone, d.id, results, refresh);
+      const coco = d.role !== "unlabeled" ? h("form", {class: "row coco", onsubmit: async (e) => {
+        e.preventDefault();
+        const form = new FormData(e.target);
+        try {
+          const r = await Distill.upload(`/api/datasets/${d.id}/import-coco/`, form);
+          toast(`${r.annotations} annotations on ${r.images_matched} images`); refresh();
+        } catch (err) { fail(err); }
+      }}, h("label", {}, "COCO JSON ", h("input", {type: "file", name: "file", accept: ".json,application/json", required: true})), h("button", {}, "Import")) : "";
+      return h("div", {class: "dataset"},
+        h("h3", {}, d.name, " ", h("span", {class: "badge"}, d.role)),
+        h("p", {class: "muted"}, `${d.image_count} images, ${d.annotation_count} annotations`), zone, coco, results);
+    }));
+    for (const role of ["labeled", "unlabeled", "validation"]) {
+      document.querySelectorAll(".ds-" + role).forEach((s) =>
+        fillSelect(s, ds.filter((d) => d.role === role), (d) => `${d.name} (${d.image_count})`, role === "validation"));
+    }
+    return ds;
+  }
+
+  async function renderRuns() {
+    const [runs, ckpts, infer, evals] = await Promise.all([
+      all(`/api/training-runs/?project=${PID}`), all(`/api/models/?project=${PID}`),
+      all(`/api/inference-runs/?project=${PID}`), all(`/api/evaluations/?project=${PID}`)]);
+    fillSelect(document.getElementById("ckpt-select"), ckpts.filter((c) => c.role === "teacher"), (c) => `${c.name} · ${c.arch}`);
+    document.getElementById("teacher-runs").replaceChildren(...runs.filter((r) => r.role === "teacher").map((r) =>
+      jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `teacher run #${r.id} · ${r.arch}`))));
+    document.getElementById("infer-runs").replaceChildren(...infer.map((r) =>
+      jobLine(r.job, h("span", {}, `run #${r.id}: ${r.view_names.length} views`, r.job.state === "succeeded"
+        ? h("a", {class: "button", href: `/runs/${r.id}/review/`}, "Review pseudo-labels") : ""))));
+    document.getElementById("student-runs").replaceChildren(...runs.filter((r) => r.role === "student").map((r) =>
+      jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `student run #${r.id} · ${r.init}`))));
+    const name = (id) => { const c = ckpts.find((k) => k.id === id); return c ? c.name : `model ${id}`; };
+    const done = evals.filter((e) => e.job.state === "succeeded");
+    const kind = TASK === "keypoints" ? "keypoints" : "bbox";
+    document.querySelector("#evals tbody").replaceChildren(...done.map((e) => {
+      const s = e.stats[kind] || {};
+      return h("tr", {}, h("td", {}, name(e.checkpoint)), h("td", {}, e.dataset), h("td", {}, (s.AP ?? 0).toFixed(2)),
+        h("td", {}, (s.AP50 ?? 0).toFixed(2)), h("td", {}, (s.AP75 ?? 0).toFixed(2)));
+    }));
+    if (done.length && window.Chart) {
+      const labels = done.map((e) => name(e.checkpoint)).reverse();
+      const ds = ["AP", "AP50", "AP75"].map((k, i) => ({label: k, data: done.map((e) => (e.stats[kind] || {})[k] || 0).reverse(),
+        backgroundColor: ["#4363d8", "#3cb44b", "#f58231"][i]}));
+      if (apChart) { apChart.data.labels = labels; apChart.data.datasets = ds; apChart.update("none"); }
+      else apChart = new Chart(document.getElementById("ap-chart"), {type: "bar", data: {labels, datasets: ds},
+        options: {animation: false, responsive: true, maintainAspectRatio: false, scales: {y: {beginAtZero: true, title: {display: true, text: kind + " AP (%)"}}}}});
+    }
+    return [...runs.map((r) => r.job), ...infer.map((r) => r.job)].some((j) => !FINAL.includes(j.state));
+  }
+
+  async function refresh() {
+    try {
+      const [p] = await Promise.all([api(`/api/projects/${PID}/pipeline/`), renderDatasets()]);
+      renderSteps(p);
+      const busy = await renderRuns();
+      clearTimeout(refresh._t);
+      refresh._t = setTimeout(refresh, busy ? 1500 : 10000);
+    } catch (e) { fail(e); }
+  }
+
+  document.getElementById("new-dataset").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const f = new FormData(e.target);
+    try { await api("/api/datasets/", {method: "POST", body: {project: PID, name: f.get("name"), role: f.get("role")}}); e.target.reset(); refresh(); }
+    catch (err) { fail(err); }
+  });
+
+  document.getElementById("teacher-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const btn = e.submitter; btn.disabled = true;
+    const f = new FormData(e.target);
+    try {
+      const run = await api("/api/training-runs/", {method: "POST", body: {
+        project: PID, arch: f.get("arch"), labeled: +f.get("labeled"), validation: f.get("validation") ? +f.get("validation") : null,
+        min_size: f.get("min_size") ? +f.get("min_size") : null, request_key: crypto.randomUUID(),
+        config: {iterations: +f.get("iterations"), batch_size: +f.get("batch_size"), lr: +f.get("lr"),
+                 warmup_iters: Math.min(100, Math.max(1, Math.floor(+f.get("iterations") / 4))), checkpoint_every: 50}}});
+      location.href = `/training/${run.id}/`;
+    } catch (err) { fail(err); btn.disabled = false; }
+  });
+
+  document.getElementById("ckpt-upload").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const form = new FormData(e.target); form.append("project", PID); form.append("role", "teacher");
+    try { await Distill.upload("/api/models/upload/", form); toast("checkpoint imported"); refresh(); } catch (err) { fail(err); }
+  });
+
+  document.getElementById("infer-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const btn = e.submitter; btn.disabled = true;
+    const f = new FormData(e.target);
+    try {
+      await api("/api/inference-runs/", {method: "POST", body: {
+        project: PID, checkpoint: +f.get("checkpoint"), dataset: +f.get("dataset"),
+        validation: f.get("validation") ? +f.get("validation") : null,
+        transforms: {scales: f.get("scales").split(",").map((s) => parseInt(s, 10)), flip: f.get("flip") === "on", max_size: 4000},
+        options: {method: f.get("method")}}});
+      toast("inference started"); refresh();
+    } catch (err) { fail(err); }
+    btn.disabled = false;
+  });
+
+  refresh();
+})();

@@ -1,0 +1,274 @@
+"""`distill` command line: synth, train, infer, select, evaluate, pipeline.
+
+Every long step draws a progress bar. Run `distill COMMAND --help` for the options of each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+EPILOG = """A first run on the CPU, about five minutes:
+  distill synth data/det --kind detection
+  distill pipeline --data data/det --arch fasterrcnn_tiny --out runs/det
+"""
+
+
+class BarHook:
+    """Training progress as a tqdm bar with the current loss."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def before_train(self, state):
+        self.bar = tqdm(total=state.config.iterations, initial=state.iteration, desc=self.desc, unit="it")
+
+    def after_step(self, state):
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{state.losses.get('loss', 0):.3f}")
+
+    def after_train(self, state):
+        self.bar.close()
+
+
+def _bar(desc: str, unit: str = "img"):
+    bar = tqdm(desc=desc, unit=unit)
+
+    def update(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+    return update
+
+
+def _add_train_options(p: argparse.ArgumentParser):
+    p.add_argument("--arch", default="fasterrcnn_resnet18_fpn", help="model architecture (see `distill models`)")
+    p.add_argument("--iterations", type=int, default=1000, help="minibatches to train for")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.02, help="base learning rate (decays x0.1 at 70%% and 90%%)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up iterations")
+    p.add_argument("--ratio", default="6:4", help="labeled:pseudo images per minibatch (student only)")
+    p.add_argument("--min-size", type=int, default=None, help="training shorter side (default: the data's median)")
+    p.add_argument("--weights", default=None, help="initial weights file (torchvision COCO/ImageNet or ours)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+
+
+def _train_config(args, **over):
+    from .engine import TrainConfig
+    iterations = over.pop("iterations", args.iterations)
+    return TrainConfig(iterations=iterations, batch_size=args.batch_size, lr=args.lr, ratio=args.ratio,
+                       warmup_iters=min(args.warmup, max(1, iterations // 4)), num_workers=args.workers,
+                       seed=args.seed, checkpoint_every=max(50, iterations // 10), **over)
+
+
+def cmd_models(args):
+    from .models import ARCHITECTURES
+    for a in ARCHITECTURES.values():
+        print(f"{a.name:<36} {a.task:<10} {a.description}")
+
+
+def cmd_synth(args):
+    from .synth import SynthConfig, generate
+    cfg = SynthConfig(kind=args.kind, image_size=args.size, labeled=args.labeled, unlabeled=args.unlabeled,
+                      val=args.val, seed=args.seed)
+    paths = generate(args.out, cfg, progress=_bar("synth"))
+    for k, v in paths.items():
+        print(f"{k:<13} {v}")
+
+
+def cmd_train(args):
+    from . import pipeline
+    cfg = _train_config(args)
+    state = pipeline.train(args.labeled, args.images or str(Path(args.labeled).with_suffix("")), args.out,
+                           arch=args.arch, config=cfg, pseudo_json=args.pseudo,
+                           pseudo_root=args.pseudo_images or (str(Path(args.pseudo).parent / "unlabeled") if args.pseudo else None),
+                           teacher=args.teacher, init=args.init, weights=args.weights, min_size=args.min_size,
+                           role="student" if args.pseudo else "teacher", hooks=[BarHook("train")], device=args.device,
+                           skip_invalid=args.skip_invalid, flip=not args.no_flip)
+    print(f"saved {args.out} after {state.iteration} iterations, final loss {state.losses.get('loss', float('nan')):.4f}")
+
+
+def cmd_infer(args):
+    from . import pipeline
+    from .transforms import TransformSet
+    from .tta import EnsembleOptions
+    doc = pipeline.load_unlabeled(args.images_json)
+    root = Path(args.images or Path(args.images_json).with_suffix(""))
+    ts = TransformSet.parse(args.scales, flip=not args.no_flip, max_size=args.max_size)
+    opts = EnsembleOptions(method=args.method, vote_thresh=args.vote_thresh, vote_scoring=args.vote_scoring,
+                           heatmap_method=args.heatmap_method)
+    results, errors, per_view = [], [], []
+    paths = [str(root / im["file_name"]) for im in doc["images"]]
+    for i, pred, err in pipeline.infer(args.checkpoint, paths, transforms=ts, options=opts, device=args.device,
+                                       group_size=args.group_size, num_workers=args.workers,
+                                       progress=_bar(f"infer x{len(ts.views)} views")):
+        image_id = doc["images"][i]["id"]
+        if err:
+            errors.append(err)
+            continue
+        results += [{**d, "image_id": image_id} for d in pred["ensembled"]]
+        for view, items in pred["views"].items():
+            per_view += [{**d, "image_id": image_id, "view": view} for d in items]
+    pipeline.write_json(args.out, results)
+    if args.views_out:
+        pipeline.write_json(args.views_out, per_view)
+    print(f"{len(results)} ensembled instances on {len(paths) - len(errors)} images -> {args.out}")
+    for e in errors:
+        print(f"skipped {e}", file=sys.stderr)
+
+
+def cmd_select(args):
+    from . import pipeline, selection
+    from .data import load_coco
+    doc = pipeline.load_unlabeled(args.images_json)
+    results = json.loads(Path(args.predictions).read_text())
+    by_image: dict[int, list] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    if args.threshold == "auto":
+        if not args.labeled:
+            raise ValueError("--threshold auto needs --labeled (annotated instances per labeled image)")
+        target = pipeline.annotated_per_image(load_coco(args.labeled))
+        t = selection.auto_threshold([r["score"] for r in results], len(doc["images"]), target)
+        print(f"automatic threshold {t:.3f} (target {target:.2f} instances per image)")
+    else:
+        t = selection.check_threshold(args.threshold)
+    out = pipeline.pseudo_label_doc(doc, by_image, t, doc["categories"])
+    pipeline.write_json(args.out, out)
+    print(f"{len(out['annotations'])} pseudo-labels on {len(out['images'])} images -> {args.out}")
+
+
+def cmd_evaluate(args):
+    from . import pipeline
+    from .evaluation import format_table
+    stats = pipeline.evaluate(args.checkpoint, args.val, args.images or str(Path(args.val).with_suffix("")),
+                              device=args.device, progress=_bar("evaluate"))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        for kind, s in stats.items():
+            print(f"[{kind}]")
+            print(format_table({Path(args.checkpoint).stem: s}, keys=tuple(s)[:6]))
+
+
+def cmd_pipeline(args):
+    from .pipeline import PipelineOptions, run_pipeline
+    from .evaluation import format_table
+    from .transforms import TransformSet
+    opts = PipelineOptions(data=args.data, out=args.out, arch=args.arch, transforms=TransformSet.parse(args.scales),
+                           teacher_config=_train_config(args), student_config=_train_config(
+                               args, iterations=int(args.iterations * args.student_schedule)),
+                           threshold=args.threshold, init=args.init, device=args.device, min_size=args.min_size,
+                           baselines=args.baselines)
+    report = run_pipeline(opts, hooks_for=lambda name: [BarHook(name)], progress_for=lambda name: _bar(name))
+    key = "keypoints" if "keypoints" in next(iter(report["results"].values())) else "bbox"
+    print(f"\n{key} AP on the validation split ({report['val_images']} images):")
+    print(format_table({k: v[key] for k, v in report["results"].items()}))
+    print(f"pseudo-label threshold {report['threshold']:.3f}; report: {report['report_path']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Data distillation: teacher -> multi-transform "
+                                "pseudo-labels -> student, on COCO-format data.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list the architectures")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("synth", help="write a synthetic COCO dataset (labeled, unlabeled, val)")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--kind", default="detection", choices=["detection", "keypoints"])
+    s.add_argument("--size", type=int, default=96, help="image side in pixels")
+    s.add_argument("--labeled", type=int, default=60)
+    s.add_argument("--unlabeled", type=int, default=200)
+    s.add_argument("--val", type=int, default=60)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("train", help="train a teacher, or a student with --pseudo")
+    s.add_argument("labeled", help="labeled COCO JSON")
+    s.add_argument("--images", help="labeled image folder (default: the JSON's name without .json)")
+    s.add_argument("--pseudo", help="pseudo-label COCO JSON (trains a student)")
+    s.add_argument("--pseudo-images", help="unlabeled image folder")
+    s.add_argument("--teacher", help="teacher checkpoint (student: its initialisation, or --init finetune)")
+    s.add_argument("--init", default="retrain", choices=["retrain", "finetune"])
+    s.add_argument("--skip-invalid", action="store_true", help="skip bad COCO entries and report them")
+    s.add_argument("--out", required=True, help="checkpoint to write (resumed if it exists)")
+    _add_train_options(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("infer", help="multi-transform inference and ensembling over unlabeled images")
+    s.add_argument("checkpoint")
+    s.add_argument("images_json", help="COCO JSON listing the unlabeled images")
+    s.add_argument("--images", help="image folder (default: the JSON's name without .json)")
+    s.add_argument("--scales", default="400,600,800,1000", help="shorter sides, comma-separated")
+    s.add_argument("--no-flip", action="store_true")
+    s.add_argument("--max-size", type=int, default=4000)
+    s.add_argument("--method", default="nms_vote", choices=["nms_vote", "nms", "wbf"])
+    s.add_argument("--vote-thresh", type=float, default=0.8)
+    s.add_argument("--vote-scoring", default="id", choices=["id", "avg", "iou_avg"])
+    s.add_argument("--heatmap-method", default="mean", choices=["mean", "max"])
+    s.add_argument("--group-size", type=int, default=4, help="images per batched group")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", required=True, help="COCO results JSON of the ensembled predictions")
+    s.add_argument("--views-out", help="also write every single view's predictions here")
+    s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("select", help="keep predictions above a threshold as pseudo-labels")
+    s.add_argument("predictions", help="COCO results JSON from `distill infer`")
+    s.add_argument("images_json", help="the unlabeled images' COCO JSON")
+    s.add_argument("--threshold", default="auto", help="a score in [0, 1], or 'auto' (the paper's rule)")
+    s.add_argument("--labeled", help="labeled COCO JSON (for --threshold auto)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_select)
+
+    s = sub.add_parser("evaluate", help="COCO AP of a checkpoint on a labeled split")
+    s.add_argument("checkpoint")
+    s.add_argument("val", help="validation COCO JSON")
+    s.add_argument("--images")
+    s.add_argument("--device", default=None)
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("pipeline", help="teacher, inference, selection, student, evaluation in one go")
+    s.add_argument("--data", required=True, help="folder written by `distill synth` (or with the same layout)")
+    s.add_argument("--out", required=True, help="folder for checkpoints, predictions and the report")
+    s.add_argument("--scales", default="64,96,128,160", help="inference shorter sides, comma-separated")
+    s.add_argument("--threshold", default="auto")
+    s.add_argument("--init", default="retrain", choices=["retrain", "finetune"])
+    s.add_argument("--student-schedule", type=float, default=1.5, help="student iterations / teacher iterations")
+    s.add_argument("--baselines", action="store_true", help="also train single-view and oracle students")
+    _add_train_options(s)
+    s.set_defaults(func=cmd_pipeline)
+    return p
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"distill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The model registry: torchvision detectors by name. Weights come from local files only."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models.detection import (FasterRCNN, KeypointRCNN, fasterrcnn_mobilenet_v3_large_fpn,
+                                          fasterrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn)
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    task: str  # "detection" or "keypoints"
+    build: Callable[..., nn.Module]
+    description: str
+
+
+def _resnet18_fpn(trainable_layers: int = 5) -> BackboneWithFPN:
+    return _resnet_fpn_extractor(resnet18(weights=None), trainable_layers)
+
+
+class _TinyBackbone(nn.Module):
+    """Four stride-2 conv blocks and an FPN-free single feature map: small enough for CPU tests."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        layers, c = [], 3
+        for out in (width // 2, width, width, width):
+            layers += [nn.Conv2d(c, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+        self.body = nn.Sequential(*layers)
+        self.out_channels = width
+
+    def forward(self, x):
+        return {"0": self.body(x)}
+
+
+def _tiny_anchors():
+    return AnchorGenerator(sizes=((8, 16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
+
+
+def _fpn_anchors():
+    return AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+
+
+def _roi_pool(out: int):
+    from torchvision.ops import MultiScaleRoIAlign
+    return MultiScaleRoIAlign(featmap_names=["0"], output_size=out, sampling_ratio=2)
+
+
+def _build_fasterrcnn_r50(num_classes, num_keypoints, **kw):
+    return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kw)
+
+
+def _build_fasterrcnn_mnv3(num_classes, num_keypoints, **kw):
+    return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kw)
+
+
+def _build_fasterrcnn_r18(num_classes, num_keypoints, **kw):
+    return FasterRCNN(_resnet18_fpn(), num_classes=num_classes, rpn_anchor_generator=_fpn_anchors(), **kw)
+
+
+def _build_fasterrcnn_tiny(num_classes, num_keypoints, **kw):
+    return FasterRCNN(_TinyBackbone(), num_classes=num_classes, rpn_anchor_generator=_tiny_anchors(),
+                      box_roi_pool=_roi_pool(7), representation_size=256, **kw)
+
+
+def _build_keypointrcnn_r50(num_classes, num_keypoints, **kw):
+    return keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                     num_keypoints=num_keypoints, **kw)
+
+
+def _build_keypointrcnn_r18(num_classes, num_keypoints, **kw):
+    return KeypointRCNN(_resnet18_fpn(), num_classes=num_classes, num_keypoints=num_keypoints,
+                        rpn_anchor_generator=_fpn_anchors(), **kw)
+
+
+def _build_keypointrcnn_tiny(num_classes, num_keypoints, **kw):
+    from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+    return KeypointRCNN(_TinyBackbone(), num_classes=num_classes,
+                        rpn_anchor_generator=_tiny_anchors(), box_roi_pool=_roi_pool(7),
+                        keypoint_roi_pool=_roi_pool(14), keypoint_head=KeypointRCNNHeads(32, (64, 64)),
+                        keypoint_predictor=KeypointRCNNPredictor(64, num_keypoints),
+                        representation_size=256, **kw)
+
+
+ARCHITECTURES: dict[str, Arch] = {a.name: a for a in [
+    Arch("fasterrcnn_resnet50_fpn", "detection", _build_fasterrcnn_r50, "Faster R-CNN, ResNet-50 FPN (GPU)"),
+    Arch("fasterrcnn_mobilenet_v3_large_fpn", "detection", _build_fasterrcnn_mnv3, "Faster R-CNN, MobileNetV3-Large FPN"),
+    Arch("fasterrcnn_resnet18_fpn", "detection", _build_fasterrcnn_r18, "Faster R-CNN, ResNet-18 FPN (CPU-sized)"),
+    Arch("fasterrcnn_tiny", "detection", _build_fasterrcnn_tiny, "Faster R-CNN, 4-layer conv backbone (tests, demos)"),
+    Arch("keypointrcnn_resnet50_fpn", "keypoints", _build_keypointrcnn_r50, "Keypoint R-CNN, ResNet-50 FPN (GPU)"),
+    Arch("keypointrcnn_resnet18_fpn", "keypoints", _build_keypointrcnn_r18, "Keypoint R-CNN, ResNet-18 FPN (CPU-sized)"),
+    Arch("keypointrcnn_tiny", "keypoints", _build_keypointrcnn_tiny, "Keypoint R-CNN, 4-layer conv backbone (tests, demos)"),
+]}
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def build_model(arch: str, num_classes: int, num_keypoints: int = 0, min_size: int = 800, max_size: int = 1333,
+                weights_path: str | os.PathLike | None = None) -> tuple[nn.Module, str]:
+    """Build a detector. num_classes counts the background.
+
+    weights_path may be a torchvision COCO/ImageNet state dict or one of our checkpoints; tensors
+    whose shapes differ (e.g. a different number of classes) are left at their initialisation.
+    Returns (model, init) where init says where the weights came from.
+    """
+    a = get_arch(arch)
+    if a.task == "keypoints" and num_keypoints < 1:
+        raise ValueError(f"{arch} is a keypoint model: the dataset must declare keypoints")
+    if num_classes < 2:
+        raise ValueError("num_classes counts the background and must be at least 2")
+    model = a.build(num_classes, num_keypoints, min_size=min_size, max_size=max_size)
+    init = "random"
+    if weights_path:
+        init = load_weights(model, weights_path)
+    return model, init
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not compatible:
+        # an ImageNet classification checkpoint: its keys live under backbone.body.*
+        prefixed = {f"backbone.body.{k}": v for k, v in state.items()}
+        compatible = {k: v for k, v in prefixed.items() if k in own and own[k].shape == v.shape}
+    if not compatible:
+        raise ValueError(f"{path} holds no weights that fit this architecture")
+    model.load_state_dict(compatible, strict=False)
+    return f"{os.path.basename(path)} ({len(compatible)}/{len(own)} tensors)"

@@ -1,0 +1,316 @@
+"""The four steps of data distillation as plain functions over files: train a teacher, run it on
+every view of the unlabeled images, select pseudo-labels, train and evaluate a student.
+
+The CLI and the web application's Celery tasks both call these; nothing here knows about either.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from . import selection
+from .checkpoint import load_model, model_meta, read_checkpoint
+from .data import CocoData, CocoDetection, load_coco, load_image, validate_coco
+from .engine import Hook, TrainConfig, TrainState, fit
+from .evaluation import COCOEvaluator
+from .models import build_model, get_arch
+from .schema import KeypointSchema
+from .transforms import TransformSet, training_transform
+from .tta import EnsembleOptions, MultiTransformPredictor, run_inference
+
+ProgressFn = Callable[[int, int], None]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def task_of(data: CocoData) -> str:
+    return "keypoints" if data.keypoint_schema() is not None else "detection"
+
+
+def _with_annotations(data: CocoData) -> CocoData:
+    """Detectron trains only on images that have at least one instance."""
+    used = {a["image_id"] for a in data.annotations}
+    return CocoData([im for im in data.images if im["id"] in used], data.annotations, data.categories, data.skipped)
+
+
+def _median_side(data: CocoData) -> int:
+    return int(statistics.median(min(im["width"], im["height"]) for im in data.images)) if data.images else 800
+
+
+def train(labeled_json: str, labeled_root: str, out_path: str, *, arch: str, config: TrainConfig,
+          pseudo_json: str | None = None, pseudo_root: str | None = None, teacher: str | None = None,
+          init: str = "retrain", weights: str | None = None, min_size: int | None = None, max_size: int | None = None,
+          role: str = "teacher", hooks: Iterable[Hook] = (), device: str | None = None, skip_invalid: bool = False,
+          flip: bool = True, resume: bool = True) -> TrainState:
+    """Train a teacher (labeled only) or a student (labeled + pseudo-labels) and save a checkpoint.
+
+    A student is retrained from the teacher's own initialisation (same weights file, or the same
+    random seed) unless init='finetune', which starts from the teacher's trained weights.
+    """
+    if init not in ("retrain", "finetune"):
+        raise ValueError(f"unknown student init {init!r}; choose one of: retrain, finetune")
+    device = device or default_device()
+    labeled = load_coco(labeled_json, skip_invalid=skip_invalid)
+    schema = labeled.keypoint_schema()
+    task = task_of(labeled)
+    a = get_arch(arch)
+    if a.task != task:
+        raise ValueError(f"{arch} is a {a.task} architecture but the labeled data is a {task} dataset")
+    flip_inds = schema.flip_indices() if (schema and flip) else None
+    transform = training_transform(flip_inds, task, flip)
+    min_size = min_size or _median_side(labeled)
+    max_size = max_size or max(min_size, int(min_size * 1333 / 800))
+    teacher_meta = None
+    if teacher:
+        teacher_meta = read_checkpoint(teacher)["meta"]
+        if teacher_meta["arch"] != arch and init == "finetune":
+            raise ValueError("fine-tuning needs the teacher's architecture")
+        weights = weights or teacher_meta.get("init_weights")
+        config.seed = teacher_meta.get("config", {}).get("seed", config.seed)
+    torch.manual_seed(config.seed)
+    model, init_desc = build_model(arch, len(labeled.categories) + 1, schema.num_keypoints if schema else 0,
+                                   min_size, max_size, weights_path=weights)
+    if teacher and init == "finetune":
+        model.load_state_dict(read_checkpoint(teacher)["model"])
+        init_desc = f"fine-tuned from teacher {os.path.basename(teacher)}"
+    label_of = labeled.label_of()
+    lab_ds = CocoDetection(_with_annotations(labeled), labeled_root, transform, label_of)
+    pse_ds = None
+    if pseudo_json:
+        pseudo = load_coco(pseudo_json, skip_invalid=skip_invalid)
+        if [c["id"] for c in pseudo.categories] != labeled.cat_ids:
+            raise ValueError("pseudo-labels must use the labeled set's categories")
+        pse_ds = CocoDetection(_with_annotations(pseudo), pseudo_root, transform, label_of)
+        if len(pse_ds) == 0:
+            raise ValueError("the pseudo-label set has no image with a kept instance; lower the threshold")
+    meta = model_meta(arch, labeled.categories, schema, min_size, max_size, role=role, task=task,
+                      init=init_desc, init_weights=weights, config=config.to_dict(),
+                      student_init=init if role == "student" else None,
+                      data={"labeled_images": len(lab_ds), "pseudo_images": len(pse_ds) if pse_ds else 0})
+    return fit(model, lab_ds, config, pseudo=pse_ds, hooks=list(hooks), device=device, checkpoint_path=out_path,
+               meta=meta, resume=resume)
+
+
+def predictor_for(checkpoint: str, transforms: TransformSet, options: EnsembleOptions | None = None,
+                  device: str | None = None, amp: bool = True):
+    device = device or default_device()
+    model, meta = load_model(checkpoint, device)
+    schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
+    flip_inds = schema.flip_indices() if (schema and transforms.flip) else None
+    model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, (options or EnsembleOptions()).score_thresh)
+    return MultiTransformPredictor(model, transforms, flip_inds=flip_inds, options=options, device=device, amp=amp), meta
+
+
+def _with_categories(items: list[dict], categories: list[dict]) -> list[dict]:
+    for d in items:
+        d["category_id"] = categories[d["label"] - 1]["id"]
+    return items
+
+
+def infer(checkpoint: str, image_paths: list[str], *, transforms: TransformSet, options: EnsembleOptions | None = None,
+          device: str | None = None, group_size: int = 4, num_workers: int = 2, progress: ProgressFn | None = None,
+          predictor=None):
+    """Multi-transform inference over files. Yields (index, prediction json | None, error | None).
+
+    A prediction json holds 'ensembled' and 'views' (each a list of instances with bbox, score,
+    label, category_id and keypoints for keypoint models) and the 'agreement' between views.
+    """
+    if predictor is None:
+        predictor, meta = predictor_for(checkpoint, transforms, options, device)
+    else:
+        meta = read_checkpoint(checkpoint)["meta"]
+    cats = meta["categories"]
+    for i, pred, err in run_inference(predictor, image_paths, group_size=group_size, num_workers=num_workers,
+                                      progress=progress):
+        if pred is None:
+            yield i, None, err
+            continue
+        j = pred.to_json()
+        _with_categories(j["ensembled"], cats)
+        for v in j["views"].values():
+            _with_categories(v, cats)
+        yield i, j, None
+
+
+def pseudo_label_doc(unlabeled: dict, predictions: dict[int, list[dict]], thresholds: float | dict,
+                     categories: list[dict], keep_empty: bool = False) -> dict:
+    """A COCO document of pseudo-labels: the instances at or above threshold, scores kept.
+
+    predictions maps image id -> ensembled instances (with category_id and label).
+    """
+    anns = []
+    images = []
+    for im in unlabeled["images"]:
+        kept = selection.select(predictions.get(im["id"], []), thresholds)
+        if not kept and not keep_empty:
+            continue
+        images.append(im)
+        for d in kept:
+            a = {"id": len(anns) + 1, "image_id": im["id"], "category_id": d["category_id"], "bbox": d["bbox"],
+                 "score": d["score"], "area": round(d["bbox"][2] * d["bbox"][3], 2), "iscrowd": 0}
+            if "keypoints" in d:
+                a["keypoints"] = d["keypoints"]
+                a["num_keypoints"] = sum(1 for v in d["keypoints"][2::3] if v > 0)
+            anns.append(a)
+    return {"images": images, "annotations": anns, "categories": categories}
+
+
+def annotated_per_image(labeled: CocoData) -> float:
+    return len(labeled.annotations) / max(1, len(labeled.images))
+
+
+def evaluate(checkpoint: str, val_json: str, val_root: str, *, device: str | None = None,
+             progress: ProgressFn | None = None, num_workers: int = 2) -> dict:
+    """COCO AP of a checkpoint on a labeled split, single view at the model's own size.
+
+    Returns {"bbox": {...}} and, for keypoint models, {"keypoints": {...}} too.
+    """
+    device = device or default_device()
+    model, meta = load_model(checkpoint, device)
+    val = load_coco(val_json)
+    if [c["id"] for c in val.categories] != [c["id"] for c in meta["categories"]]:
+        raise ValueError("the validation set's categories differ from the model's")
+    schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
+    evaluators = {"bbox": COCOEvaluator(val.to_dict(), "bbox")}
+    if schema:
+        evaluators["keypoints"] = COCOEvaluator(val.to_dict(), "keypoints", schema.sigmas)
+    predictions = predict_single_view(model, meta, [Path(val_root) / im["file_name"] for im in val.images],
+                                      device=device, progress=progress)
+    for im, preds in zip(val.images, predictions):
+        for ev in evaluators.values():
+            ev.process(im["id"], preds)
+    return {k: ev.evaluate() for k, ev in evaluators.items()}
+
+
+@torch.inference_mode()
+def predict_single_view(model, meta: dict, paths: list, *, device: str, batch_size: int = 8,
+                        progress: ProgressFn | None = None) -> list[list[dict]]:
+    """Plain one-view inference (what evaluation and the 'single-view pseudo-label' baseline use)."""
+    model.eval().to(device)
+    cats = meta["categories"]
+    out = []
+    for s in range(0, len(paths), batch_size):
+        images = [load_image(p).to(device) for p in paths[s:s + batch_size]]
+        for d in model(images):
+            items = []
+            boxes, scores, labels = d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()
+            kps = d["keypoints"].reshape(len(boxes), -1).tolist() if "keypoints" in d else None
+            for i, (b, sc, lab) in enumerate(zip(boxes, scores, labels)):
+                item = {"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": sc, "label": lab,
+                        "category_id": cats[lab - 1]["id"]}
+                if kps is not None:
+                    k = kps[i]
+                    k[2::3] = [1] * (len(k) // 3)
+                    item["keypoints"] = k
+                items.append(item)
+            out.append(items)
+        if progress:
+            progress(min(s + batch_size, len(paths)), len(paths))
+    return out
+
+
+def write_json(path: str | Path, obj) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def load_unlabeled(json_path: str) -> dict:
+    """Unlabeled split: a COCO document whose annotations (if any) are ignored."""
+    with open(json_path) as f:
+        doc = json.load(f)
+    data = validate_coco({**doc, "annotations": []}, require_annotations=False)
+    if not data.images:
+        raise ValueError(f"{json_path}: the unlabeled set has no images")
+    return {"images": data.images, "categories": data.categories}
+
+
+class PipelineOptions:
+    """Everything `run_pipeline` needs; data is a folder laid out as `distill synth` writes it."""
+
+    def __init__(self, data: str, out: str, arch: str, transforms: TransformSet, teacher_config: TrainConfig,
+                 student_config: TrainConfig, threshold: str | float = "auto", init: str = "retrain",
+                 device: str | None = None, min_size: int | None = None, baselines: bool = False,
+                 options: EnsembleOptions | None = None):
+        self.data, self.out, self.arch, self.transforms = Path(data), Path(out), arch, transforms
+        self.teacher_config, self.student_config = teacher_config, student_config
+        self.threshold, self.init, self.device, self.min_size = threshold, init, device, min_size
+        self.baselines, self.options = baselines, options or EnsembleOptions()
+        for name in ("labeled.json", "unlabeled.json", "val.json"):
+            if not (self.data / name).is_file():
+                raise ValueError(f"{self.data} has no {name}; write one with `distill synth` or lay yours out alike")
+
+
+def _choose_threshold(threshold, scores, num_images: int, target: float) -> float:
+    if threshold == "auto":
+        return selection.auto_threshold(scores, num_images, target)
+    return selection.check_threshold(threshold)
+
+
+def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lambda name: None) -> dict:
+    """Teacher -> multi-transform pseudo-labels -> student, evaluated side by side on val.
+
+    With baselines, also a student on single-view pseudo-labels (same threshold rule) and an
+    oracle student on the unlabeled split's true labels (needs unlabeled_gt.json).
+    """
+    d, out = o.data, o.out
+    out.mkdir(parents=True, exist_ok=True)
+    device = o.device or default_device()
+    labeled = load_coco(d / "labeled.json")
+    unlabeled = load_unlabeled(str(d / "unlabeled.json"))
+    target = annotated_per_image(labeled)
+    common = dict(arch=o.arch, min_size=o.min_size, device=device)
+
+    teacher = str(out / "teacher.pt")
+    train(str(d / "labeled.json"), str(d / "labeled"), teacher, config=o.teacher_config,
+          hooks=hooks_for("teacher"), **common)
+
+    paths = [str(d / "unlabeled" / im["file_name"]) for im in unlabeled["images"]]
+    ids = [im["id"] for im in unlabeled["images"]]
+    ensembled: dict[int, list[dict]] = {}
+    for i, pred, err in infer(teacher, paths, transforms=o.transforms, options=o.options, device=device,
+                              progress=progress_for(f"infer x{len(o.transforms.views)} views")):
+        if pred is not None:
+            ensembled[ids[i]] = pred["ensembled"]
+    scores = [p["score"] for items in ensembled.values() for p in items]
+    t = _choose_threshold(o.threshold, scores, len(ids), target)
+    write_json(out / "pseudo_ensembled.json", pseudo_label_doc(unlabeled, ensembled, t, labeled.categories))
+
+    students = {"student (ensembled)": ("pseudo_ensembled.json", str(out / "student.pt"))}
+    thresholds = {"ensembled": t}
+    if o.baselines:
+        model, meta = load_model(teacher, device)
+        single = predict_single_view(model, meta, paths, device=device, progress=progress_for("infer x1 view"))
+        single_by_id = dict(zip(ids, single))
+        ts = _choose_threshold(o.threshold, [p["score"] for items in single for p in items], len(ids), target)
+        thresholds["single_view"] = ts
+        write_json(out / "pseudo_single.json", pseudo_label_doc(unlabeled, single_by_id, ts, labeled.categories))
+        students = {"student (single view)": ("pseudo_single.json", str(out / "student_single.pt")), **students}
+        if (d / "unlabeled_gt.json").is_file():
+            gt = json.loads((d / "unlabeled_gt.json").read_text())
+            write_json(out / "pseudo_oracle.json", gt)
+            students["student (oracle labels)"] = ("pseudo_oracle.json", str(out / "student_oracle.pt"))
+    for name, (pseudo, ckpt) in students.items():
+        train(str(d / "labeled.json"), str(d / "labeled"), ckpt, config=o.student_config,
+              pseudo_json=str(out / pseudo), pseudo_root=str(d / "unlabeled"), teacher=teacher, init=o.init,
+              role="student", hooks=hooks_for(name), **common)
+
+    results = {"teacher": evaluate(teacher, str(d / "val.json"), str(d / "val"), device=device)}
+    for name, (_, ckpt) in students.items():
+        results[name] = evaluate(ckpt, str(d / "val.json"), str(d / "val"), device=device)
+    report = {"arch": o.arch, "device": device, "transforms": o.transforms.to_dict(), "threshold": t,
+              "thresholds": thresholds, "target_per_image": target, "val_images": len(load_coco(d / "val.json").images),
+              "teacher_config": o.teacher_config.to_dict(), "student_config": o.student_config.to_dict(),
+              "student_init": o.init, "results": results}
+    report["report_path"] = write_json(out / "report.json", report)
+    return report

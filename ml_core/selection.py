@@ -1,0 +1,121 @@
+"""Choosing which ensembled predictions become pseudo-labels, and the statistics a reviewer
+needs to choose: score histograms, kept instances per image against the threshold, the paper's
+automatic threshold, and precision/recall on the validation split."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+
+def check_threshold(t: float, what: str = "threshold") -> float:
+    t = float(t)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"{what} must lie in [0, 1], got {t}")
+    return t
+
+
+def thresholds_for(labels, thresholds: float | dict) -> np.ndarray:
+    """Per-instance threshold: one global value, or a {label: value} dict with an optional 'default'."""
+    labels = np.asarray(labels)
+    if isinstance(thresholds, dict):
+        default = check_threshold(thresholds.get("default", 0.5), "default threshold")
+        out = np.full(labels.shape, default, dtype=np.float64)
+        for k, v in thresholds.items():
+            if k != "default":
+                out[labels == int(k)] = check_threshold(v, f"threshold of class {k}")
+        return out
+    return np.full(labels.shape, check_threshold(thresholds), dtype=np.float64)
+
+
+def select(instances: list[dict], thresholds: float | dict) -> list[dict]:
+    """Keep the instances whose score is at or above their class's threshold."""
+    if not instances:
+        return []
+    labels = [d["label"] for d in instances]
+    t = thresholds_for(labels, thresholds)
+    return [d for d, ti in zip(instances, t) if d["score"] >= ti]
+
+
+def auto_threshold(scores, num_images: int, target_per_image: float) -> float:
+    """The paper's rule: the threshold at which the mean number of kept instances per unlabeled
+    image equals the mean number of annotated instances per labeled image (as near as the
+    scores allow). With too few predictions to reach the target, every prediction is kept."""
+    if num_images <= 0:
+        raise ValueError("the automatic threshold needs at least one unlabeled image")
+    if target_per_image < 0:
+        raise ValueError("target instances per image must be non-negative")
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    k = int(round(target_per_image * num_images))
+    if k <= 0:
+        return 1.0
+    if k >= len(s):
+        return float(s[-1]) if len(s) else 0.0
+    return float(s[k - 1])
+
+
+def score_histograms(scores, labels, bins: int = 20) -> dict:
+    """Per class (and 'all'): counts of scores in `bins` equal bins over [0, 1]."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    edges = np.linspace(0, 1, bins + 1)
+    out = {"edges": edges.round(6).tolist(), "all": np.histogram(scores, edges)[0].tolist()}
+    for c in np.unique(labels):
+        out[str(int(c))] = np.histogram(scores[labels == c], edges)[0].tolist()
+    return out
+
+
+def kept_curves(per_image_scores: list, grid) -> dict:
+    """For each threshold of `grid`: mean kept instances per image and images with at least one."""
+    grid = np.asarray(grid, dtype=np.float64)
+    n = len(per_image_scores)
+    if n == 0:
+        return {"thresholds": grid.tolist(), "instances_per_image": [0.0] * len(grid), "images_with_labels": [0] * len(grid)}
+    flat = np.sort(np.concatenate([np.asarray(s, dtype=np.float64) for s in per_image_scores] or [np.zeros(0)]))
+    maxes = np.sort(np.array([max(s) if len(s) else -1.0 for s in per_image_scores]))
+    kept = len(flat) - np.searchsorted(flat, grid, side="left")
+    with_any = n - np.searchsorted(maxes, grid, side="left")
+    return {"thresholds": grid.round(6).tolist(), "instances_per_image": (kept / n).round(4).tolist(),
+            "images_with_labels": with_any.tolist()}
+
+
+def match_predictions(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels, iou_thresh: float = 0.5) -> np.ndarray:
+    """True-positive flag of each prediction of one image: greedy by descending score, one ground
+    truth per prediction, same class, IoU >= iou_thresh (COCO's matching at one IoU).
+
+    A prediction's flag depends only on higher-scored ones, so the flags hold at every threshold.
+    """
+    n = len(pred_scores)
+    tp = np.zeros(n, dtype=bool)
+    if n == 0 or len(gt_labels) == 0:
+        return tp
+    iou = box_iou(torch.as_tensor(pred_boxes, dtype=torch.float32).reshape(-1, 4),
+                  torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4)).numpy()
+    iou = iou * (np.asarray(pred_labels)[:, None] == np.asarray(gt_labels)[None, :])
+    taken = np.zeros(len(gt_labels), dtype=bool)
+    for i in np.argsort(-np.asarray(pred_scores), kind="stable"):
+        cand = np.where(~taken, iou[i], -1)
+        j = int(cand.argmax())
+        if cand[j] >= iou_thresh:
+            tp[i] = True
+            taken[j] = True
+    return tp
+
+
+def precision_recall(scores, tp_flags, num_gt: int, grid) -> dict:
+    """Precision and recall of predictions kept at each threshold of `grid`."""
+    grid = np.asarray(grid, dtype=np.float64)
+    scores, tp = np.asarray(scores, dtype=np.float64), np.asarray(tp_flags, dtype=bool)
+    order = np.argsort(scores)
+    s, t = scores[order], tp[order]
+    cum_tp_from = np.concatenate([np.cumsum(t[::-1])[::-1], [0]])  # tp count with index >= i
+    idx = np.searchsorted(s, grid, side="left")
+    kept = len(s) - idx
+    tps = cum_tp_from[idx]
+    precision = np.where(kept > 0, tps / np.maximum(kept, 1), 1.0)
+    recall = tps / num_gt if num_gt else np.zeros_like(grid)
+    return {"thresholds": grid.round(6).tolist(), "precision": precision.round(4).tolist(),
+            "recall": np.asarray(recall).round(4).tolist()}
+
+
+def default_grid(step: float = 0.01) -> np.ndarray:
+    return np.round(np.arange(0, 1 + step / 2, step), 6)
