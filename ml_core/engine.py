@@ -187,7 +187,7 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
             scheduler.step()
             state.iteration += 1
             state.images_seen += len(images)
-            state.losses = {k: float(v) for k, v in loss_dict.items()}
+            state.losses = {k: float(v.detach()) for k, v in loss_dict.items()}
             state.losses["loss"] = float(loss)
             if state.iteration % config.log_every == 0 or state.iteration == config.iterations or state.iteration == 1:
                 state.history.append({"iteration": state.iteration, **{k: round(v, 5) for k, v in state.losses.items()},

@@ -1,0 +1,37 @@
+import json
+
+from distill_app.cli import main
+
+
+def test_pipeline_end_to_end_on_cpu(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert main(["synth", str(data), "--size", "64", "--labeled", "8", "--unlabeled", "6", "--val", "4"]) == 0
+    rc = main(["pipeline", "--data", str(data), "--out", str(out), "--arch", "fasterrcnn_tiny", "--iterations", "3",
+               "--batch-size", "2", "--scales", "48,64", "--workers", "0", "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "teacher" in printed and "student (ensembled)" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]) == {"teacher", "student (ensembled)"}
+    assert "AP" in report["results"]["teacher"]["bbox"]
+
+
+def test_infer_select_evaluate_commands(tmp_path, capsys):
+    data = tmp_path / "d"
+    main(["synth", str(data), "--size", "64", "--labeled", "6", "--unlabeled", "4", "--val", "3"])
+    ck = tmp_path / "t.pt"
+    assert main(["train", str(data / "labeled.json"), "--out", str(ck), "--arch", "fasterrcnn_tiny", "--iterations", "2",
+                 "--batch-size", "2", "--workers", "0", "--device", "cpu"]) == 0
+    assert main(["infer", str(ck), str(data / "unlabeled.json"), "--scales", "48,64", "--out", str(tmp_path / "p.json"),
+                 "--views-out", str(tmp_path / "v.json"), "--workers", "0", "--device", "cpu"]) == 0
+    views = json.loads((tmp_path / "v.json").read_text())
+    assert {v["view"] for v in views} <= {"s48", "s48-flip", "s64", "s64-flip"}
+    assert main(["select", str(tmp_path / "p.json"), str(data / "unlabeled.json"), "--threshold", "auto",
+                 "--labeled", str(data / "labeled.json"), "--out", str(tmp_path / "pl.json")]) == 0
+    assert main(["evaluate", str(ck), str(data / "val.json"), "--json", "--device", "cpu"]) == 0
+    assert '"AP"' in capsys.readouterr().out
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.pt"), "--arch", "nope"]) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from ml_core import pipeline
+from ml_core.checkpoint import read_checkpoint
+from ml_core.engine import Cancelled, Hook, TrainConfig, lr_factor
+
+
+def test_schedule_warms_up_then_decays_at_70_and_90_percent():
+    cfg = TrainConfig(iterations=100, warmup_iters=10, warmup_factor=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(69, cfg) == pytest.approx(1.0)
+    assert lr_factor(70, cfg) == pytest.approx(0.1)
+    assert lr_factor(90, cfg) == pytest.approx(0.01)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"epochs": 3})
+    with pytest.raises(ValueError):
+        TrainConfig(iterations=0)
+
+
+class StopAt(Hook):
+    def __init__(self, n):
+        self.n, self.seen = n, []
+
+    def after_step(self, state):
+        self.seen.append(state.iteration)
+        if state.iteration == self.n:
+            raise Cancelled()
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"iterations": 6, "batch_size": 2, "lr": 0.01, "warmup_iters": 2, "num_workers": 0,
+                          "log_every": 1, **kw})
+
+
+def test_teacher_training_cancel_and_resume(det_data, tmp_path):
+    out = tmp_path / "t.pt"
+    stop = StopAt(3)
+    with pytest.raises(Cancelled):
+        pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny",
+                       config=_cfg(), hooks=[stop], device="cpu")
+    assert read_checkpoint(out)["iteration"] == 3
+    seen = StopAt(-1)
+    state = pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny",
+                           config=_cfg(), hooks=[seen], device="cpu")
+    assert seen.seen == [4, 5, 6] and state.iteration == 6
+    ck = read_checkpoint(out)
+    assert "optimizer" not in ck and ck["meta"]["role"] == "teacher" and ck["meta"]["init"] == "random"
+    assert [h["iteration"] for h in ck["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_student_retrains_from_the_teacher_initialisation(det_data, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(teacher), arch="fasterrcnn_tiny",
+                   config=_cfg(iterations=2), device="cpu")
+    gt = str(det_data / "unlabeled_gt.json")
+    student = tmp_path / "student.pt"
+    pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(student), arch="fasterrcnn_tiny",
+                   config=_cfg(iterations=2, ratio="1:1"), pseudo_json=gt, pseudo_root=str(det_data / "unlabeled"),
+                   teacher=str(teacher), role="student", device="cpu")
+    meta = read_checkpoint(student)["meta"]
+    assert meta["role"] == "student" and meta["student_init"] == "retrain" and meta["data"]["pseudo_images"] > 0
+
+
+def test_task_mismatch_is_refused(det_data, tmp_path):
+    with pytest.raises(ValueError, match="keypoints architecture"):
+        pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(tmp_path / "x.pt"),
+                       arch="keypointrcnn_tiny", config=_cfg(), device="cpu")
+
+
+def test_keypoint_teacher_trains_with_flip_augmentation(kp_data, tmp_path):
+    state = pipeline.train(str(kp_data / "labeled.json"), str(kp_data / "labeled"), str(tmp_path / "k.pt"),
+                           arch="keypointrcnn_tiny", config=_cfg(iterations=2), device="cpu")
+    assert torch.isfinite(torch.tensor(state.losses["loss"]))

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from ml_core.models import build_model
+from ml_core.transforms import TransformSet
+from ml_core.tta import EnsembleOptions, MultiTransformPredictor, run_inference
+
+
+@pytest.fixture
+def det_model():
+    torch.manual_seed(0)
+    m, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    m.roi_heads.score_thresh = 0.0
+    return m
+
+
+def test_every_view_is_returned_in_original_coordinates(det_model):
+    p = MultiTransformPredictor(det_model, TransformSet([48, 80], flip=True, max_size=200))
+    out = p.predict([torch.rand(3, 60, 90), torch.rand(3, 90, 60)])
+    assert [list(o.views) for o in out] == [["s48", "s48-flip", "s80", "s80-flip"]] * 2
+    for o in out:
+        for inst in o.views.values():
+            if len(inst.boxes):
+                assert inst.boxes[:, 2].max() <= o.width + 1e-3 and inst.boxes[:, 3].max() <= o.height + 1e-3
+        assert 0 <= o.agreement <= 1 and len(o.ensembled.boxes) <= 100
+
+
+def test_flip_inversion_is_exact(det_model):
+    """The flipped view of image Y = mirror(X), mapped back into Y, must be the plain view of X
+    mirrored: the model saw the same pixels, only the inversion differs."""
+    from ml_core.transforms import flip_boxes
+    x = torch.rand(3, 64, 80)
+    p = MultiTransformPredictor(det_model, TransformSet([64], flip=True, max_size=200),
+                                options=EnsembleOptions(score_thresh=0.0))
+    a = p.predict([x])[0]
+    b = p.predict([x.flip(-1)])[0]
+    assert len(a.views["s64"].boxes) > 0
+    assert torch.allclose(b.views["s64-flip"].boxes, flip_boxes(a.views["s64"].boxes, 80), atol=1e-3)
+    assert torch.allclose(b.views["s64-flip"].scores, a.views["s64"].scores, atol=1e-5)
+
+
+def test_keypoint_model_ensembles_heatmaps_on_fixed_boxes():
+    torch.manual_seed(0)
+    m, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=64, max_size=96)
+    m.roi_heads.score_thresh = 0.0
+    p = MultiTransformPredictor(m, TransformSet([48, 64]), flip_inds=[0, 2, 1, 4, 3])
+    o = p.predict([torch.rand(3, 64, 64)])[0]
+    assert o.ensembled.keypoints.shape == (len(o.ensembled.boxes), 5, 3)
+    assert o.views["s48-flip"].keypoints is not None
+    with pytest.raises(ValueError, match="flip map"):
+        MultiTransformPredictor(m, TransformSet([64]), flip_inds=None)
+
+
+def test_unreadable_images_are_reported_not_fatal(det_model, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    p = MultiTransformPredictor(det_model, TransformSet([32], flip=False, max_size=100))
+    out = list(run_inference(p, [str(tmp_path / "ok.png"), str(tmp_path / "bad.png")], num_workers=0))
+    assert out[0][1] is not None and out[1][1] is None and "bad.png" in out[1][2]
+    with pytest.raises(ValueError, match="no images"):
+        list(run_inference(p, []))
+
+
+def test_bad_ensemble_option():
+    with pytest.raises(ValueError, match="vote_thresh"):
+        EnsembleOptions(vote_thresh=2)
+    with pytest.raises(ValueError, match="unknown ensembling option"):
+        EnsembleOptions.from_dict({"nope": 1})
