@@ -46,6 +46,10 @@ def envlist(name: str, default: list[str]) -> list[str]:
     return [p.strip() for p in raw.split(",") if p.strip()]
 
 
+# WAL lets the web server read while a worker writes; the timeout rides out short write locks.
+SQLITE_OPTIONS = {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+
+
 def database_from_url(url: str) -> dict:
     """postgres://user:pass@host:port/name or sqlite:///path -> a Django DATABASES entry."""
     u = urlparse(url)
@@ -56,5 +60,5 @@ def database_from_url(url: str) -> dict:
                 "PASSWORD": unquote(u.password or ""), "HOST": u.hostname or "", "PORT": str(u.port or ""),
                 "CONN_MAX_AGE": 60}
     if u.scheme == "sqlite":
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": u.path or ":memory:"}
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": u.path or ":memory:", "OPTIONS": SQLITE_OPTIONS}
     raise ImproperlyConfigured(f"DATABASE_URL scheme {u.scheme!r} is not supported; use postgres:// or sqlite://")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import database_from_url, envbool, envint, envlist, envstr
+from .env import SQLITE_OPTIONS, database_from_url, envbool, envint, envlist, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DISTILL_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -78,8 +78,10 @@ if envstr("DATABASE_URL"):
     DATABASES = {"default": database_from_url(envstr("DATABASE_URL"))}
 else:
     DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(DATA_DIR / "distill.sqlite3"),
-                             # WAL lets the web server read while a worker writes predictions.
-                             "OPTIONS": {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}}}
+                             "OPTIONS": SQLITE_OPTIONS}}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A file, not memory, so that the Celery worker of the integration tests sees the same data.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [{"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"}]
@@ -93,6 +95,7 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "frontend" / "static"]
 MEDIA_ROOT = Path(envstr("DISTILL_MEDIA_DIR", str(DATA_DIR / "media"))).resolve()
 WHITENOISE_USE_FINDERS = True

@@ -188,7 +188,7 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
             state.iteration += 1
             state.images_seen += len(images)
             state.losses = {k: float(v.detach()) for k, v in loss_dict.items()}
-            state.losses["loss"] = float(loss)
+            state.losses["loss"] = float(loss.detach())
             if state.iteration % config.log_every == 0 or state.iteration == config.iterations or state.iteration == 1:
                 state.history.append({"iteration": state.iteration, **{k: round(v, 5) for k, v in state.losses.items()},
                                       "lr": optimizer.param_groups[0]["lr"], "time": round(time.time() - state.started, 2)})

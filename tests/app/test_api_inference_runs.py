@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from distill_app.models import Prediction
+
+
+def test_run_covers_every_image_with_every_view(as_alice, det_project, finished_run):
+    assert finished_run["chunks_total"] == 3  # 6 unlabeled + 4 validation, 4 per chunk
+    assert finished_run["view_names"] == ["s48", "s48-flip", "s64", "s64-flip"]
+    page = as_alice.get(f"/api/inference-runs/{finished_run['id']}/predictions/").json()
+    assert page["count"] == 6
+    p = page["results"][0]
+    assert set(p["views"]) == set(finished_run["view_names"]) and "agreement" in p and p["review"] is None
+
+
+def test_ordering_by_agreement_and_filters(as_alice, finished_run):
+    rid = finished_run["id"]
+    ag = [r["agreement"] for r in as_alice.get(f"/api/inference-runs/{rid}/predictions/?ordering=agreement&views=false").json()["results"]]
+    assert ag == sorted(ag)
+    r = as_alice.get(f"/api/inference-runs/{rid}/predictions/?ordering=sideways")
+    assert r.status_code == 400 and "ordering must be one of" in r.json()["message"]
+    r = as_alice.get(f"/api/inference-runs/{rid}/predictions/?category=99")
+    assert r.status_code == 400
+
+
+def test_threshold_stats(as_alice, finished_run):
+    rid = finished_run["id"]
+    lo = as_alice.get(f"/api/inference-runs/{rid}/threshold-stats/?threshold=0").json()
+    hi = as_alice.get(f"/api/inference-runs/{rid}/threshold-stats/?threshold=1").json()
+    assert lo["current"]["instances"] >= hi["current"]["instances"]
+    assert lo["current"]["instances"] == sum(Prediction.objects.filter(run_id=rid, image__dataset__role="unlabeled")
+                                             .values_list("num_instances", flat=True))
+    assert hi["current"]["images_with_labels"] <= lo["current"]["images_with_labels"] <= 6
+    assert "precision" in lo["current"] and lo["validation"]["ground_truth"] > 0
+    assert set(lo["histograms"]) >= {"edges", "all"} and len(lo["curves"]["thresholds"]) == 51
+    assert lo["labeled_instances_per_image"] > 0 and lo["auto_threshold"] is not None
+    per_class = as_alice.get(f"/api/inference-runs/{rid}/threshold-stats/", {"threshold": 0, "thresholds": json.dumps({"1": 1.0})}).json()
+    assert per_class["current"]["per_category"].get("1", 0) == 0
+
+
+@pytest.mark.parametrize("query, message", [("threshold=1.5", "must lie in [0, 1]"), ("threshold=abc", "number"),
+                                            ("thresholds=[1]", "JSON object"), ("thresholds={\"x\":0.5}", "not a category id")])
+def test_bad_thresholds(as_alice, finished_run, query, message):
+    r = as_alice.get(f"/api/inference-runs/{finished_run['id']}/threshold-stats/?{query}")
+    assert r.status_code == 400 and message in r.json()["message"]
+
+
+def test_scores_payload_matches_stats(as_alice, finished_run):
+    s = as_alice.get(f"/api/inference-runs/{finished_run['id']}/scores/").json()
+    assert len(s["scores"]) == len(s["categories"]) == len(s["image_index"])
+    assert len(s["image_ids"]) == 6
+
+
+def test_bad_transform_options(as_alice, det_project, teacher):
+    body = {"project": det_project["project"], "checkpoint": teacher["checkpoint"], "dataset": det_project["unlabeled"]}
+    r = as_alice.post("/api/inference-runs/", {**body, "transforms": {"scales": []}}, format="json")
+    assert r.status_code == 400 and "at least one scale" in r.json()["message"]
+    r = as_alice.post("/api/inference-runs/", {**body, "options": {"method": "avg"}}, format="json")
+    assert "nms_vote, nms, wbf" in r.json()["message"]
+    r = as_alice.post("/api/inference-runs/", {**body, "dataset": det_project["labeled"]}, format="json")
+    assert "unlabeled dataset" in r.json()["message"]
+
+
+def test_retry_runs_only_missing_chunks(as_alice, finished_run, monkeypatch):
+    from distill_app import tasks
+    from distill_app.models import Job, InferenceRun
+    run = InferenceRun.objects.get(pk=finished_run["id"])
+    Prediction.objects.filter(run=run, chunk=1).delete()  # as if the worker died during chunk 1
+    Job.objects.filter(pk=run.job_id).update(state=Job.FAILED, error="worker lost")
+    calls = []
+    real = tasks.infer_chunk.run
+    monkeypatch.setattr(tasks.infer_chunk, "run", lambda run_id, chunk: (calls.append(chunk), real(run_id, chunk))[1])
+    r = as_alice.post(f"/api/inference-runs/{run.pk}/retry/")
+    assert r.status_code == 202
+    assert calls == [1]
+    assert as_alice.get(f"/api/inference-runs/{run.pk}/").json()["job"]["state"] == "succeeded"
+    assert Prediction.objects.filter(run=run).count() == 10

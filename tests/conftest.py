@@ -1,0 +1,137 @@
+"""Shared fixtures: personas (alice, bob), API clients, a media folder per test, Celery in eager
+mode for API tests, and -- for integration and browser tests -- a real redis-server and a real
+Celery worker process on the same test database."""
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        if "browser" in parts:
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def media_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(autouse=True)
+def _media(settings, media_root):
+    settings.MEDIA_ROOT = media_root
+
+
+@pytest.fixture(autouse=True)
+def _eager_tasks(request, monkeypatch):
+    """API tests run tasks in-process, as soon as the view asks; integration and browser tests use
+    the real worker."""
+    if request.node.get_closest_marker("integration") or request.node.get_closest_marker("browser"):
+        yield
+        return
+    from django.db import transaction
+
+    from distill_app.celery import app
+    # The test transaction never commits, so run on_commit callbacks at once.
+    monkeypatch.setattr(transaction, "on_commit", lambda fn, using=None, robust=False: fn())
+    old = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    yield
+    app.conf.task_always_eager = old
+
+
+def make_user(name):
+    from django.contrib.auth import get_user_model
+    return get_user_model().objects.create_user(name, f"{name}@example.com", f"{name}-password-123")
+
+
+@pytest.fixture
+def alice(db):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(db):
+    return make_user("bob")
+
+
+def client_for(user):
+    from rest_framework.test import APIClient
+    c = APIClient()
+    c.force_authenticate(user)
+    return c
+
+
+@pytest.fixture
+def as_alice(alice):
+    return client_for(alice)
+
+
+@pytest.fixture
+def as_bob(bob):
+    return client_for(bob)
+
+
+def png_bytes(w=64, h=48, color=(200, 30, 30), fmt="PNG"):
+    buf = io.BytesIO()
+    PILImage.new("RGB", (w, h), color).save(buf, fmt)
+    return buf.getvalue()
+
+
+# --- real services ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from distill_app.services import RedisServer
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(redis_server, django_db_setup, django_db_blocker, media_root, tmp_path_factory):
+    """A real `celery worker` process on the real Redis, sharing the test database file."""
+    from django.conf import settings
+
+    from distill_app.celery import app
+    from distill_app.services import start_worker, stop_process
+    app.conf.broker_url = redis_server.url
+    app.conf.result_backend = redis_server.url
+    db_name = settings.DATABASES["default"]["NAME"]
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    log = open(log_path, "wb")
+    env = {"REDIS_URL": redis_server.url, "CELERY_BROKER_URL": redis_server.url, "CELERY_RESULT_BACKEND": redis_server.url,
+           "DATABASE_URL": f"sqlite:///{db_name}", "DISTILL_MEDIA_DIR": str(media_root), "DISTILL_DEVICE": "cpu",
+           "DJANGO_SETTINGS_MODULE": "distill_app.settings", "DISTILL_JOB_STALE_SECONDS": "600"}
+    proc = start_worker(env=env, log=log, hostname="testworker@%h")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("celery worker exited:\n" + log_path.read_text()[-3000:])
+        if app.control.ping(timeout=1.0):
+            break
+    else:
+        stop_process(proc)
+        raise RuntimeError("celery worker did not answer within 90 s:\n" + log_path.read_text()[-3000:])
+    proc.log_path = log_path
+    yield proc
+    stop_process(proc)
+
+
+def wait_for(predicate, timeout=300, interval=0.5, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = predicate()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
