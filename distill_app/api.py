@@ -90,7 +90,7 @@ class DatasetViewSet(viewsets.ModelViewSet):
 
     def get_queryset(self):
         qs = owned(Dataset.objects.all(), self.request.user).annotate(
-            image_count=Count("images", distinct=True), annotation_count=Count("images__annotations"))
+            image_count=Count("images", distinct=True), annotation_count=Count("images__annotations")).order_by("created", "id")
         for f in ("project", "role"):
             if self.request.query_params.get(f):
                 qs = qs.filter(**{f: self.request.query_params[f]})

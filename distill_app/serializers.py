@@ -153,6 +153,7 @@ class ReviewSerializer(serializers.ModelSerializer):
         model = Review
         fields = ["id", "run", "image", "state", "instances", "history", "user", "updated"]
         read_only_fields = ["history", "user", "updated"]
+        validators = []  # POST replaces the review of (run, image): uniqueness is handled by the view
 
     def validate(self, attrs):
         run, image = attrs.get("run") or self.instance.run, attrs.get("image") or self.instance.image

@@ -130,6 +130,7 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Data distillation: datasets, teachers, multi-transform pseudo-labels, review, students.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     # Swagger UI from the drf-spectacular-sidecar package: the docs page works offline.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

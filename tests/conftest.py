@@ -26,8 +26,10 @@ def media_root(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _media(settings, media_root):
-    settings.MEDIA_ROOT = media_root
+def _media(request, settings, tmp_path, media_root):
+    """A fresh media folder per test; the worker-backed tests share the worker's."""
+    shared = request.node.get_closest_marker("integration") or request.node.get_closest_marker("browser")
+    settings.MEDIA_ROOT = media_root if shared else tmp_path / "media"
 
 
 @pytest.fixture(autouse=True)
