@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 from datetime import timedelta
@@ -51,7 +52,7 @@ def running(job_id: int, *, finish: bool = True):
             job.save(update_fields=["state", "finished"])
             raise Skip()
         now = timezone.now()
-        job.state, job.worker, job.heartbeat = Job.RUNNING, socket.gethostname(), now
+        job.state, job.worker, job.heartbeat = Job.RUNNING, f"{socket.gethostname()}:{os.getpid()}", now
         job.started = job.started or now
         job.save(update_fields=["state", "worker", "heartbeat", "started"])
     try:
