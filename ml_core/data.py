@@ -214,6 +214,13 @@ class CocoDetection(Dataset):
         return image, target
 
 
+def loader_workers(requested: int) -> int:
+    """DataLoader worker processes cannot start inside a daemonic process (a Celery prefork
+    child, say): load in the main process there instead of failing."""
+    import multiprocessing
+    return 0 if multiprocessing.current_process().daemon else requested
+
+
 def collate(batch):
     return tuple(zip(*batch))
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import ensemble
-from .data import load_image
+from .data import load_image, loader_workers
 from .transforms import TransformSet, View, boxes_to_view, flip_boxes, flip_keypoints
 
 
@@ -219,7 +219,7 @@ def run_inference(predictor: MultiTransformPredictor, paths: list[str], *, group
     """
     if not paths:
         raise ValueError("no images to run inference on")
-    loader = DataLoader(_ImageFiles(paths), batch_size=group_size, num_workers=num_workers,
+    loader = DataLoader(_ImageFiles(paths), batch_size=group_size, num_workers=loader_workers(num_workers),
                         collate_fn=lambda b: b, pin_memory=predictor.device.type == "cuda",
                         persistent_workers=False)
     done = 0

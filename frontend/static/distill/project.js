@@ -40,25 +40,33 @@
       h("li", {class: "step " + s.split(" ")[0]}, h("span", {class: "n"}, i + 1), h("b", {}, name), h("small", {}, s))));
   }
 
+  // Dataset cards are built once and kept: polling only updates their counts, so an upload's
+  // per-file results stay on screen.
+  const cards = new Map();
+  function datasetCard(d) {
+    const results = h("div", {class: "upload-results"});
+    const zone = h("div", {class: "drop", tabindex: 0, "data-dataset": d.id}, "Drop images or a .zip here, or click to choose");
+    Uploader.attach(zone, d.id, results, refresh);
+    const coco = d.role !== "unlabeled" ? h("form", {class: "row coco", onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const r = await Distill.upload(`/api/datasets/${d.id}/import-coco/`, new FormData(e.target));
+        toast(`${r.annotations} annotations on ${r.images_matched} images`); refresh();
+      } catch (err) { fail(err); }
+    }}, h("label", {}, "COCO JSON ", h("input", {type: "file", name: "file", accept: ".json,application/json", required: true})), h("button", {}, "Import")) : "";
+    const counts = h("p", {class: "muted counts"});
+    const card = h("div", {class: "dataset", "data-dataset": d.id}, h("h3", {}, d.name, " ", h("span", {class: "badge"}, d.role)), counts, zone, coco, results);
+    card._counts = counts;
+    return card;
+  }
+
   async function renderDatasets() {
     const ds = await all(`/api/datasets/?project=${PID}`);
     const box = document.getElementById("datasets");
-    box.replaceChildren(...ds.map((d) => {
-      const results = h("div", {class: "upload-results"});
-      const zone = h("div", {class: "drop", tabindex: 0, "data-dataset": d.id}, "Drop images or a .zip here, or click to choose");
-      Uploader.attach(zone, d.id, results, refresh);
-      const coco = d.role !== "unlabeled" ? h("form", {class: "row coco", onsubmit: async (e) => {
-        e.preventDefault();
-        const form = new FormData(e.target);
-        try {
-          const r = await Distill.upload(`/api/datasets/${d.id}/import-coco/`, form);
-          toast(`${r.annotations} annotations on ${r.images_matched} images`); refresh();
-        } catch (err) { fail(err); }
-      }}, h("label", {}, "COCO JSON ", h("input", {type: "file", name: "file", accept: ".json,application/json", required: true})), h("button", {}, "Import")) : "";
-      return h("div", {class: "dataset"},
-        h("h3", {}, d.name, " ", h("span", {class: "badge"}, d.role)),
-        h("p", {class: "muted"}, `${d.image_count} images, ${d.annotation_count} annotations`), zone, coco, results);
-    }));
+    for (const d of ds) {
+      if (!cards.has(d.id)) { cards.set(d.id, datasetCard(d)); box.append(cards.get(d.id)); }
+      cards.get(d.id)._counts.textContent = `${d.image_count} images, ${d.annotation_count} annotations`;
+    }
     for (const role of ["labeled", "unlabeled", "validation"]) {
       document.querySelectorAll(".ds-" + role).forEach((s) =>
         fillSelect(s, ds.filter((d) => d.role === role), (d) => `${d.name} (${d.image_count})`, role === "validation"));

@@ -199,7 +199,7 @@
       inputAt = 0;
       renderStats(computeStats());
       redrawTiles();
-      $("threshold-value").textContent = state.global.toFixed(2);
+      $("threshold-value").textContent = state.global.toFixed(3);
       timings.push(performance.now() - t0);
       root.dataset.updates = String(timings.length);
     });
@@ -218,8 +218,8 @@
     $("class-sliders").replaceChildren(...state.cats.map((c) => {
       state.classT[c.id] = state.global;
       const out = h("output", {}, state.global.toFixed(2));
-      const input = h("input", {type: "range", min: 0, max: 1, step: 0.01, value: state.global, "aria-label": `threshold for ${c.name}`,
-        oninput: (e) => { state.classT[c.id] = +e.target.value; out.textContent = (+e.target.value).toFixed(2); onThresholdChange(); }});
+      const input = h("input", {type: "range", min: 0, max: 1, step: 0.001, value: state.global, "aria-label": `threshold for ${c.name}`,
+        oninput: (e) => { state.classT[c.id] = +e.target.value; out.textContent = (+e.target.value).toFixed(3); onThresholdChange(); }});
       return h("div", {class: "slider-row"}, h("span", {class: "swatch", style: `background:${colorOf(state.cats, c.id)}`}), h("span", {class: "cname"}, c.name), input, out);
     }));
     $("filter-category").append(...state.cats.map((c) => h("option", {value: c.id}, c.name)));
@@ -454,7 +454,7 @@
       state.S = Float32Array.from(sc.scores); state.C = Int32Array.from(sc.categories); state.I = Int32Array.from(sc.image_index);
       state.nImages = sc.image_ids.length; state.val = sc.validation; state.labeledPerImage = sc.summary.labeled_instances_per_image;
       state.global = state.run.auto_threshold ?? 0.5;
-      $("threshold").value = state.global; $("threshold-value").textContent = state.global.toFixed(2);
+      $("threshold").value = state.global; $("threshold-value").textContent = state.global.toFixed(3);
       $("auto-value").textContent = state.run.auto_threshold == null ? "(n/a)" : state.run.auto_threshold.toFixed(2);
       buildClassSliders();
       buildCharts(sc.summary);
