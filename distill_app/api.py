@@ -332,11 +332,11 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
     def predictions(self, request, pk=None):
         """Per image: the ensembled prediction, every single view's, the agreement and the review."""
         run = self.get_object()
-        qs = Prediction.objects.filter(run=run, image__dataset=run.dataset)
+        qs = Prediction.objects.filter(run=run, validation=False)
         p = request.query_params
         order = p.get("ordering", "image")
-        fields = {"agreement": ("agreement", "image_id"), "-agreement": ("-agreement", "image_id"),
-                  "max_score": ("max_score", "image_id"), "-max_score": ("-max_score", "image_id"), "image": ("image_id",)}
+        fields = {"agreement": ("agreement", "id"), "-agreement": ("-agreement", "-id"),
+                  "max_score": ("max_score", "id"), "-max_score": ("-max_score", "-id"), "image": ("image_id",)}
         if order not in fields:
             raise BadInput(f"ordering must be one of {', '.join(fields)}")
         if p.get("category"):
@@ -361,10 +361,16 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         elif review:
             raise BadInput("review must be one of none, accepted, rejected, edited, any")
         with_views = p.get("views", "true").lower() not in ("0", "false", "no")
-        cols = ["id", "image_id", "agreement", "max_score", "num_instances", "ensembled", "error",
-                "image__width", "image__height", "image__file_name"] + (["views"] if with_views else [])
+        cols = ["id", "image_id", "agreement", "max_score", "num_instances", "ensembled", "error"] + \
+            (["views"] if with_views else [])
         qs = qs.order_by(*fields[order]).values(*cols)
         page = self.paginate_queryset(qs)
+        # a second query for the page's images keeps the ordering on the prediction index alone
+        images = {i["id"]: i for i in Image.objects.filter(id__in=[r["image_id"] for r in page])
+                  .values("id", "width", "height", "file_name")}
+        for r in page:
+            im = images[r["image_id"]]
+            r["image__width"], r["image__height"], r["image__file_name"] = im["width"], im["height"], im["file_name"]
         reviews = {r["image_id"]: r for r in Review.objects.filter(run=run, image_id__in=[r["image_id"] for r in page])
                    .values("id", "image_id", "state", "instances", "updated")}
         out = []
@@ -422,7 +428,7 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         reviewed = set(Review.objects.filter(run=run).values_list("image_id", flat=True))
         low = min(th.values())
         new = []
-        for image_id, ens in Prediction.objects.filter(run=run, image__dataset=run.dataset, max_score__gte=low) \
+        for image_id, ens in Prediction.objects.filter(run=run, validation=False, max_score__gte=low) \
                 .values_list("image_id", "ensembled").iterator(chunk_size=2000):
             if image_id in reviewed:
                 continue

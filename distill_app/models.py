@@ -163,6 +163,7 @@ class Prediction(models.Model):
     run = models.ForeignKey(InferenceRun, on_delete=models.CASCADE, related_name="predictions")
     image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="predictions")
     chunk = models.PositiveIntegerField()
+    validation = models.BooleanField(default=False, help_text="an image of the validation set (statistics only)")
     agreement = models.FloatField()
     max_score = models.FloatField()
     num_instances = models.PositiveIntegerField()
@@ -173,8 +174,9 @@ class Prediction(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["run", "image"], name="one_prediction_per_image")]
-        indexes = [models.Index(fields=["run", "agreement"]), models.Index(fields=["run", "chunk"]),
-                   models.Index(fields=["run", "max_score"])]
+        # the review screen's orderings, without a join to Image
+        indexes = [models.Index(fields=["run", "validation", "agreement"]), models.Index(fields=["run", "chunk"]),
+                   models.Index(fields=["run", "validation", "max_score"]), models.Index(fields=["run", "validation", "image"])]
 
 
 class Review(models.Model):

@@ -45,7 +45,7 @@ def write_pseudo_label_set(pls: PseudoLabelSet, progress=None) -> dict:
     images, anns = [], []
     counts = {"images": 0, "instances": 0, "rejected": 0, "edited": 0, "accepted": 0, "unreviewed_used": 0,
               "images_considered": 0}
-    rows = (Prediction.objects.filter(run=run, image__dataset=run.dataset).order_by("image_id")
+    rows = (Prediction.objects.filter(run=run, validation=False).order_by("image_id")
             .values_list("image_id", "ensembled").iterator(chunk_size=2000))
     total = len(files)
     for n, (image_id, ensembled) in enumerate(rows):

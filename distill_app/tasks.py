@@ -160,6 +160,8 @@ def infer_chunk(run_id: int, chunk: int):
         return "done before"
     with running(run.job_id, finish=False) as job:
         items = run_images(run)[chunk * run.chunk_size:(chunk + 1) * run.chunk_size]
+        val_ids = set(Image.objects.filter(dataset_id=run.validation_id, id__in=[i for i, _ in items])
+                      .values_list("id", flat=True)) if run.validation_id else set()
         path = str(run.checkpoint.path)
         predictor, _ = _predictor(path, os.path.getmtime(path), json.dumps(run.transforms, sort_keys=True),
                                   json.dumps(run.options, sort_keys=True), _device())
@@ -171,7 +173,7 @@ def infer_chunk(run_id: int, chunk: int):
             image_id = items[i][0]
             if pred is None:
                 rows.append(Prediction(run=run, image_id=image_id, chunk=chunk, agreement=0, max_score=0,
-                                       num_instances=0, error=err[:500]))
+                                       num_instances=0, error=err[:500], validation=image_id in val_ids))
                 continue
             ens = [{k: d[k] for k in ("bbox", "score", "category_id", "keypoints") if k in d} for d in pred["ensembled"]]
             views = {v: [{k: d[k] for k in ("bbox", "score", "category_id", "keypoints") if k in d} for d in items_]
@@ -180,6 +182,7 @@ def infer_chunk(run_id: int, chunk: int):
             for d in ens:
                 mask |= 1 << cat_index.get(d["category_id"], 0)
             rows.append(Prediction(run=run, image_id=image_id, chunk=chunk, agreement=pred["agreement"],
+                                   validation=image_id in val_ids,
                                    max_score=max((d["score"] for d in ens), default=0.0), num_instances=len(ens),
                                    class_mask=mask, ensembled=ens, views=views))
         with transaction.atomic():

@@ -37,7 +37,7 @@ def build(run: InferenceRun) -> dict:
     index = {i: n for n, i in enumerate(image_ids)}
     scores, cats, imgs = [], [], []
     per_image_scores = [[] for _ in image_ids]
-    rows = Prediction.objects.filter(run=run, image__dataset=run.dataset).values_list("image_id", "ensembled")
+    rows = Prediction.objects.filter(run=run, validation=False).values_list("image_id", "ensembled")
     for image_id, ens in rows.iterator(chunk_size=2000):
         n = index[image_id]
         for d in ens:
@@ -55,7 +55,7 @@ def build(run: InferenceRun) -> dict:
             gt.setdefault(image_id, []).append((cat, bbox))
             num_gt[str(cat)] = num_gt.get(str(cat), 0) + 1
         vs, vc, vt = [], [], []
-        for image_id, ens in Prediction.objects.filter(run=run, image__dataset=run.validation).values_list(
+        for image_id, ens in Prediction.objects.filter(run=run, validation=True).values_list(
                 "image_id", "ensembled").iterator(chunk_size=2000):
             g = gt.get(image_id, [])
             boxes = [[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (d["bbox"] for d in ens)]

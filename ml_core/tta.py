@@ -161,11 +161,12 @@ class MultiTransformPredictor:
                     kps = flip_keypoints(kps, w, self.flip_inds)
                 results[i].views[v.name] = Instances(boxes.float(), d["scores"].float(), d["labels"],
                                                      None if kps is None else kps.float())
-        for r in results:
-            union = list(r.views.values())
-            b, s, lab = ensemble.ensemble_boxes(torch.cat([u.boxes for u in union]), torch.cat([u.scores for u in union]),
-                                                torch.cat([u.labels for u in union]), num_views=len(union),
-                                                **self.options.box_kwargs())
+        unions = [list(r.views.values()) for r in results]
+        merged = ensemble.ensemble_boxes_batch([torch.cat([u.boxes for u in un]) for un in unions],
+                                               [torch.cat([u.scores for u in un]) for un in unions],
+                                               [torch.cat([u.labels for u in un]) for un in unions],
+                                               num_views=len(unions[0]), **self.options.box_kwargs())
+        for r, union, (b, s, lab) in zip(results, unions, merged):
             r.ensembled = Instances(b, s, lab)
             r.agreement = ensemble.agreement([u.boxes for u in union], [u.labels for u in union], b, lab)
         if self.keypoints:

@@ -62,3 +62,22 @@ def test_agreement_is_one_for_identical_views_and_drops_when_views_disagree():
     assert agreement(half, [ens_l] * 4, ens_b, ens_l) == pytest.approx(0.75)
     assert agreement([T([]).reshape(0, 4)], [torch.tensor([], dtype=torch.long)], T([]).reshape(0, 4),
                      torch.tensor([], dtype=torch.long)) == 1.0
+
+
+@pytest.mark.parametrize("method, scoring", [("nms", "id"), ("nms_vote", "id"), ("nms_vote", "avg"), ("nms_vote", "iou_avg")])
+def test_batched_ensembling_equals_one_image_at_a_time(method, scoring):
+    from ml_core.ensemble import ensemble_boxes_batch
+    g = torch.Generator().manual_seed(0)
+    boxes, scores, labels = [], [], []
+    for n in (40, 0, 25, 60):
+        xy = torch.rand(n, 2, generator=g) * 80
+        wh = torch.rand(n, 2, generator=g) * 30 + 2
+        base = torch.cat([xy, xy + wh], 1)
+        boxes.append(torch.cat([base, base + torch.randn(n, 4, generator=g)]))  # two views
+        scores.append(torch.rand(2 * n, generator=g))
+        labels.append(torch.randint(1, 4, (2 * n,), generator=g))
+    batched = ensemble_boxes_batch(boxes, scores, labels, num_views=2, method=method, vote_scoring=scoring,
+                                   detections_per_img=30)
+    for (bb, bs, bl), b, s, lab in zip(batched, boxes, scores, labels):
+        eb, es, el = ensemble_boxes(b, s, lab, num_views=2, method=method, vote_scoring=scoring, detections_per_img=30)
+        assert torch.allclose(bb, eb, atol=1e-4) and torch.allclose(bs, es, atol=1e-6) and torch.equal(bl, el)

@@ -53,21 +53,46 @@
     $("stat-recall").textContent = s.recall == null ? "n/a" : (s.recall * 100).toFixed(1) + "%";
     const pairs = state.nImages ? `${s.withAny} images, ${s.kept} pseudo-labels` : "";
     $("launch-summary").textContent = `The student will train on the labeled set plus ${pairs} (at the current thresholds, reviews applied: rejected images dropped, edited ones as edited).`;
-    if (hist) { hist.options.plugins.thresholdLine.value = state.global; hist.update("none"); }
-    if (pr) {
-      pr.data.datasets[2].data = s.precision == null ? [] : [{x: state.global, y: s.precision * 100}, {x: state.global, y: s.recall * 100}];
-      pr.update("none");
+    drawMarkers(s);
+  }
+
+  /* The threshold line and the current precision/recall point live on canvases laid over the
+     charts, so a slider movement repaints two thin overlays instead of re-rendering the charts. */
+  function overlayFor(chart) {
+    const c = chart.canvas, o = h("canvas", {class: "chart-overlay", width: c.width, height: c.height,
+      style: `position:absolute;left:0;top:0;width:${c.style.width};height:${c.style.height};pointer-events:none`});
+    c.parentNode.append(o);
+    return o;
+  }
+  let histOverlay = null, prOverlay = null;
+  function drawMarkers(s) {
+    const dpr = window.devicePixelRatio || 1;
+    if (hist) {
+      histOverlay = histOverlay || overlayFor(hist);
+      const ctx = histOverlay.getContext("2d"), x = hist.scales.x, y = hist.scales.y;
+      ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      ctx.clearRect(0, 0, histOverlay.width, histOverlay.height);
+      const px = x.left + (x.right - x.left) * state.global;
+      ctx.strokeStyle = "#d00"; ctx.lineWidth = 2; ctx.beginPath(); ctx.moveTo(px, y.top); ctx.lineTo(px, y.bottom); ctx.stroke();
+    }
+    if (pr && s.precision != null) {
+      prOverlay = prOverlay || overlayFor(pr);
+      const ctx = prOverlay.getContext("2d"), x = pr.scales.x, y = pr.scales.y;
+      ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      ctx.clearRect(0, 0, prOverlay.width, prOverlay.height);
+      ctx.fillStyle = "#d00";
+      for (const v of [s.precision, s.recall]) {
+        ctx.beginPath(); ctx.arc(x.getPixelForValue(state.global), y.getPixelForValue(v * 100), 4, 0, 2 * Math.PI); ctx.fill();
+      }
     }
   }
 
-  /* A vertical line at the threshold on the histogram. */
+  /* The automatic threshold, a dashed line drawn with the histogram (it does not move). */
   const thresholdLine = {
     id: "thresholdLine",
     afterDatasetsDraw(chart, args, opts) {
-      if (opts.value == null) return;
       const x = chart.scales.x, y = chart.scales.y, ctx = chart.ctx;
-      const px = x.left + (x.right - x.left) * opts.value;
-      ctx.save(); ctx.strokeStyle = "#d00"; ctx.lineWidth = 2; ctx.beginPath(); ctx.moveTo(px, y.top); ctx.lineTo(px, y.bottom); ctx.stroke();
+      ctx.save();
       if (opts.auto != null) {
         const pa = x.left + (x.right - x.left) * opts.auto;
         ctx.strokeStyle = "#090"; ctx.setLineDash([4, 3]); ctx.beginPath(); ctx.moveTo(pa, y.top); ctx.lineTo(pa, y.bottom); ctx.stroke();
@@ -83,15 +108,14 @@
       backgroundColor: colorOf(state.cats, c.id), stack: "s"}));
     hist = new Chart($("hist"), {type: "bar", data: {labels, datasets}, plugins: [thresholdLine],
       options: {animation: false, responsive: true, maintainAspectRatio: false,
-        plugins: {thresholdLine: {value: state.global, auto: state.run.auto_threshold}, legend: {labels: {boxWidth: 10}},
+        plugins: {thresholdLine: {auto: state.run.auto_threshold}, legend: {labels: {boxWidth: 10}},
           title: {display: true, text: "ensembled scores (red: threshold, green: automatic)"}},
         scales: {x: {stacked: true, ticks: {maxTicksLimit: 6}}, y: {stacked: true}}}});
     const v = summary.validation;
     if (v) {
       pr = new Chart($("pr"), {type: "line", data: {datasets: [
         {label: "precision", data: v.thresholds.map((t, i) => ({x: t, y: v.precision[i] * 100})), borderColor: "#4363d8", pointRadius: 0},
-        {label: "recall", data: v.thresholds.map((t, i) => ({x: t, y: v.recall[i] * 100})), borderColor: "#f58231", pointRadius: 0},
-        {label: "now", data: [], type: "scatter", backgroundColor: "#d00", pointRadius: 5}]},
+        {label: "recall", data: v.thresholds.map((t, i) => ({x: t, y: v.recall[i] * 100})), borderColor: "#f58231", pointRadius: 0}]},
         options: {animation: false, responsive: true, maintainAspectRatio: false, parsing: false,
           plugins: {title: {display: true, text: `validation (${v.images} images, IoU 0.5)`}, legend: {labels: {boxWidth: 10}}},
           scales: {x: {type: "linear", min: 0, max: 1, title: {display: true, text: "threshold"}}, y: {min: 0, max: 100}}}});

@@ -1,0 +1,86 @@
+"""Seeded inference runs for the benchmarks: N images x K ensembled instances, straight into the
+database of a throwaway data directory (no model involved; only the storage and the UI are
+measured)."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def django_setup(data_dir: Path):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["DISTILL_DATA_DIR"] = str(data_dir)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "distill_app.settings")
+    os.environ.setdefault("DISTILL_TASKS_EAGER", "1")
+    import django
+    django.setup()
+    from django.core.management import call_command
+    call_command("migrate", verbosity=0)
+
+
+CATEGORIES = [{"id": 1, "name": "disc"}, {"id": 2, "name": "block"}, {"id": 3, "name": "triangle"}]
+
+
+def seed_run(n_images: int, per_image: int, seed: int = 0, username: str = "bench", with_views: bool = False):
+    """Create user, project, datasets, a checkpoint row, a finished run and its predictions."""
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from PIL import Image as PILImage
+
+    from distill_app import threshold_stats
+    from distill_app.models import (Annotation, Dataset, Image, InferenceRun, Job, ModelCheckpoint, Prediction,
+                                    Project)
+    User = get_user_model()
+    user, _ = User.objects.get_or_create(username=username)
+    user.set_password("bench-password")
+    user.save()
+    project = Project.objects.create(owner=user, name=f"bench {n_images}x{per_image}", categories=CATEGORIES)
+    lab = Dataset.objects.create(project=project, name="labeled", role="labeled")
+    unl = Dataset.objects.create(project=project, name="unlabeled", role="unlabeled")
+    thumb = Path(settings.MEDIA_ROOT) / "bench" / "thumb.jpg"
+    thumb.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.new("RGB", (256, 192), (90, 120, 160)).save(thumb)
+    rel = str(thumb.relative_to(settings.MEDIA_ROOT))
+    limg = Image.objects.create(dataset=lab, file=rel, thumbnail=rel, file_name="l.jpg", sha256="l" * 64, width=640, height=480)
+    Annotation.objects.bulk_create([Annotation(image=limg, category_id=1 + i % 3, bbox=[10 * i, 10, 40, 40]) for i in range(per_image)])
+    t = time.perf_counter()
+    rows = [Image(dataset=unl, file=rel, thumbnail=rel, file_name=f"img_{i:06d}.jpg", sha256=f"{i:064d}", width=640,
+                  height=480) for i in range(n_images)]
+    Image.objects.bulk_create(rows, batch_size=5000)
+    ids = list(Image.objects.filter(dataset=unl).order_by("id").values_list("id", flat=True))
+    job = Job.objects.create(project=project, owner=user, kind="infer", state=Job.SUCCEEDED, progress=1)
+    ckpt = ModelCheckpoint.objects.create(project=project, name="teacher", role="teacher", arch="fasterrcnn_tiny", file="none")
+    run = InferenceRun.objects.create(project=project, checkpoint=ckpt, dataset=unl, job=job, chunks_total=1,
+                                      transforms={"scales": [400, 600], "flip": True, "max_size": 4000},
+                                      view_names=["s400", "s400-flip", "s600", "s600-flip"])
+    rng = random.Random(seed)
+    batch = []
+    for n, image_id in enumerate(ids):
+        ens = []
+        for _ in range(per_image):
+            x, y, w, h = rng.uniform(0, 560), rng.uniform(0, 400), rng.uniform(10, 80), rng.uniform(10, 80)
+            ens.append({"bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)], "score": round(rng.betavariate(1.2, 2.5), 5),
+                        "category_id": rng.randint(1, 3)})
+        views = {v: ens[: per_image // 2] for v in run.view_names} if with_views else {}
+        mask = 0
+        for d in ens:
+            mask |= 1 << (d["category_id"] - 1)
+        batch.append(Prediction(run=run, image_id=image_id, chunk=0, agreement=rng.random(), validation=False,
+                                max_score=max(d["score"] for d in ens), num_instances=len(ens), class_mask=mask,
+                                ensembled=ens, views=views))
+        if len(batch) == 5000:
+            Prediction.objects.bulk_create(batch)
+            batch = []
+    Prediction.objects.bulk_create(batch)
+    seeded = time.perf_counter() - t
+    t = time.perf_counter()
+    threshold_stats.build(run)
+    built = time.perf_counter() - t
+    run.refresh_from_db()
+    return user, run, {"seed_seconds": round(seeded, 1), "stats_build_seconds": round(built, 2)}

@@ -1,0 +1,144 @@
+"""Box ensembling throughput: ml_core.ensemble against the `ensemble-boxes` library, same inputs.
+
+Input: seeded synthetic detections, 8 views x 100 boxes x 3 classes per image (jittered copies of
+~30 objects plus clutter), in pixel coordinates of a 640x480 image. Prints images/s of each
+method and how closely the results agree where the methods coincide (NMS with NMS, WBF with
+WBF). Run: python benchmarks/ensemble_throughput.py [--images 300] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from ml_core.ensemble import ensemble_boxes, ensemble_boxes_batch
+
+W, H = 640, 480
+
+
+def make_image(rng: np.random.Generator, views=8, per_view=100, classes=3):
+    n_obj = 30
+    cx, cy = rng.uniform(40, W - 40, n_obj), rng.uniform(40, H - 40, n_obj)
+    w, h = rng.uniform(20, 120, n_obj), rng.uniform(20, 120, n_obj)
+    cls = rng.integers(1, classes + 1, n_obj)
+    quality = rng.uniform(0.3, 0.95, n_obj)
+    boxes, scores, labels = [], [], []
+    for _ in range(views):
+        pick = rng.integers(0, n_obj, per_view)
+        jitter = rng.normal(0, 3, (per_view, 4))
+        b = np.stack([cx[pick] - w[pick] / 2, cy[pick] - h[pick] / 2, cx[pick] + w[pick] / 2, cy[pick] + h[pick] / 2], 1) + jitter
+        clutter = rng.random(per_view) < 0.3
+        b[clutter] = np.sort(rng.uniform(0, [W, H, W, H], (clutter.sum(), 4)).reshape(-1, 2, 2), axis=1).reshape(-1, 4)
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 2)
+        s = np.clip(quality[pick] + rng.normal(0, 0.05, per_view), 0.01, 1)
+        s[clutter] = rng.uniform(0.01, 0.4, clutter.sum())
+        boxes.append(np.clip(b, 0, [W, H, W, H]))
+        scores.append(s)
+        labels.append(cls[pick])
+    return boxes, scores, labels
+
+
+def agreement(a_boxes, a_scores, b_boxes, b_scores):
+    """Fraction of A's boxes with a B box of IoU > 0.95 and score within 1e-3 (and vice versa)."""
+    if len(a_boxes) == 0 and len(b_boxes) == 0:
+        return 1.0
+    if len(a_boxes) == 0 or len(b_boxes) == 0:
+        return 0.0
+    iou = box_iou(torch.as_tensor(a_boxes, dtype=torch.float32), torch.as_tensor(b_boxes, dtype=torch.float32)).numpy()
+    sd = np.abs(np.asarray(a_scores)[:, None] - np.asarray(b_scores)[None, :]) < 1e-3
+    m = (iou > 0.95) & sd
+    return (m.any(1).sum() + m.any(0).sum()) / (len(a_boxes) + len(b_boxes))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+    from ensemble_boxes import nms as eb_nms, weighted_boxes_fusion as eb_wbf
+
+    rng = np.random.default_rng(0)
+    data = [make_image(rng) for _ in range(args.images)]
+    dev = torch.device(args.device)
+    tensors = [(torch.as_tensor(np.concatenate(b), dtype=torch.float32, device=dev),
+                torch.as_tensor(np.concatenate(s), dtype=torch.float32, device=dev),
+                torch.as_tensor(np.concatenate(lab), device=dev)) for b, s, lab in data]
+    norm = np.array([W, H, W, H], dtype=np.float64)
+
+    def timed(fn):
+        fn(0)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = [fn(i) for i in range(args.images)]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return args.images / (time.perf_counter() - t), out
+
+    batch = 64
+
+    def batched(method):
+        """Images in batches of 64 (as ml_core.tta hands them over); per-image results."""
+        cache = {}
+
+        def fn(i):
+            start = i - i % batch
+            if start not in cache:
+                cache.clear()
+                group = tensors[start:start + batch]
+                cache[start] = ensemble_boxes_batch([t[0] for t in group], [t[1] for t in group], [t[2] for t in group],
+                                                    num_views=8, method=method, score_thresh=0.0, detections_per_img=10 ** 6)
+            return cache[start][i - start]
+        return fn
+
+    ours = {
+        "distill nms, batched": batched("nms"),
+        "distill nms+vote, batched": batched("nms_vote"),
+        "distill nms": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms", score_thresh=0.0, detections_per_img=10 ** 6),
+        "distill nms+vote": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms_vote", score_thresh=0.0, detections_per_img=10 ** 6),
+        "distill wbf": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="wbf", score_thresh=0.0, wbf_thresh=0.55, detections_per_img=10 ** 6),
+    }
+    theirs = {
+        "ensemble-boxes nms": lambda i: eb_nms([b / norm for b in data[i][0]], data[i][1], data[i][2], iou_thr=0.5),
+        "ensemble-boxes wbf": lambda i: eb_wbf([b / norm for b in data[i][0]], data[i][1], data[i][2], iou_thr=0.55, skip_box_thr=0.0),
+    }
+    results, outputs = {}, {}
+    for name, fn in {**ours, **theirs}.items():
+        ips, out = timed(fn)
+        results[name] = round(ips, 1)
+        outputs[name] = out
+    agree = {}
+    for a, b in (("distill nms", "ensemble-boxes nms"), ("distill nms, batched", "ensemble-boxes nms"),
+                 ("distill wbf", "ensemble-boxes wbf")):
+        vals = []
+        for x, y in zip(outputs[a], outputs[b]):
+            vals.append(agreement(x[0].cpu().numpy(), x[1].cpu().numpy(), y[0] * norm, y[1]))
+        agree[f"{a} vs {b}"] = round(float(np.mean(vals)), 4)
+    speedup = {"nms": round(results["distill nms"] / results["ensemble-boxes nms"], 1),
+               "nms, batched": round(results["distill nms, batched"] / results["ensemble-boxes nms"], 1),
+               "nms+vote vs their nms": round(results["distill nms+vote"] / results["ensemble-boxes nms"], 1),
+               "nms+vote batched vs their nms": round(results["distill nms+vote, batched"] / results["ensemble-boxes nms"], 1),
+               "wbf": round(results["distill wbf"] / results["ensemble-boxes wbf"], 1)}
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
+              "images": args.images, "input": "8 views x 100 boxes, 3 classes, 640x480", "images_per_second": results,
+              "speedup": speedup, "agreement": agree}
+    print(f"box ensembling, {args.images} images of 8 views x 100 boxes ({report['machine']})")
+    for k, v in results.items():
+        print(f"  {k:<22} {v:>9.1f} images/s")
+    for k, v in speedup.items():
+        print(f"  speed-up {k:<30} x{v}")
+    for k, v in agree.items():
+        print(f"  agreement {k:<40} {v:.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
