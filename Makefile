@@ -27,6 +27,7 @@ run: install
 	$(VENV)/bin/distill serve
 
 test: install-dev
+	$(VENV)/bin/ruff check ml_core distill_app tests benchmarks
 	DISTILL_DATA_DIR=$(CURDIR)/var/test $(PY) -m pytest -q
 
 lint: install-dev

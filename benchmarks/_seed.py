@@ -61,7 +61,7 @@ def seed_run(n_images: int, per_image: int, seed: int = 0, username: str = "benc
                                       view_names=["s400", "s400-flip", "s600", "s600-flip"])
     rng = random.Random(seed)
     batch = []
-    for n, image_id in enumerate(ids):
+    for image_id in ids:
         ens = []
         for _ in range(per_image):
             x, y, w, h = rng.uniform(0, 560), rng.uniform(0, 400), rng.uniform(10, 80), rng.uniform(10, 80)

@@ -93,13 +93,14 @@ def main():
                 cache.clear()
                 group = tensors[start:start + batch]
                 cache[start] = ensemble_boxes_batch([t[0] for t in group], [t[1] for t in group], [t[2] for t in group],
-                                                    num_views=8, method=method, score_thresh=0.0, detections_per_img=10 ** 6)
+                                                    num_views=8, method=method, score_thresh=0.0, detections_per_img=10 ** 6,
+                                                    padded=True)
             return cache[start][i - start]
         return fn
 
     ours = {
-        "distill nms, batched": batched("nms"),
-        "distill nms+vote, batched": batched("nms_vote"),
+        "distill nms, padded batch": batched("nms"),
+        "distill nms+vote, padded batch": batched("nms_vote"),
         "distill nms": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms", score_thresh=0.0, detections_per_img=10 ** 6),
         "distill nms+vote": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms_vote", score_thresh=0.0, detections_per_img=10 ** 6),
         "distill wbf": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="wbf", score_thresh=0.0, wbf_thresh=0.55, detections_per_img=10 ** 6),
@@ -114,16 +115,16 @@ def main():
         results[name] = round(ips, 1)
         outputs[name] = out
     agree = {}
-    for a, b in (("distill nms", "ensemble-boxes nms"), ("distill nms, batched", "ensemble-boxes nms"),
+    for a, b in (("distill nms", "ensemble-boxes nms"), ("distill nms, padded batch", "ensemble-boxes nms"),
                  ("distill wbf", "ensemble-boxes wbf")):
         vals = []
         for x, y in zip(outputs[a], outputs[b]):
             vals.append(agreement(x[0].cpu().numpy(), x[1].cpu().numpy(), y[0] * norm, y[1]))
         agree[f"{a} vs {b}"] = round(float(np.mean(vals)), 4)
     speedup = {"nms": round(results["distill nms"] / results["ensemble-boxes nms"], 1),
-               "nms, batched": round(results["distill nms, batched"] / results["ensemble-boxes nms"], 1),
+               "nms, padded batch": round(results["distill nms, padded batch"] / results["ensemble-boxes nms"], 1),
                "nms+vote vs their nms": round(results["distill nms+vote"] / results["ensemble-boxes nms"], 1),
-               "nms+vote batched vs their nms": round(results["distill nms+vote, batched"] / results["ensemble-boxes nms"], 1),
+               "nms+vote padded vs their nms": round(results["distill nms+vote, padded batch"] / results["ensemble-boxes nms"], 1),
                "wbf": round(results["distill wbf"] / results["ensemble-boxes wbf"], 1)}
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
               "images": args.images, "input": "8 views x 100 boxes, 3 classes, 640x480", "images_per_second": results,

@@ -4,7 +4,7 @@ Input: a seeded run of 10,000 images x 20 ensembled instances (embedded setup), 
 3840x2160 so that about 200 images are on screen. Measures
   * slider -> finished redraw of every visible overlay and of the statistics (performance.now()
     from the input event to the end of the redraw frame), p50/p95 over 200 movements;
-  * frames per second while scrolling through all 10,000 images;
+  * frames per second while scrolling through the 10,000 images (150 px a frame, at most 20 s);
 Baseline in the same run: the same slider movement answered by the server (a fetch of
 /threshold-stats/ per movement), which is what the in-browser statistics avoid.
 
@@ -19,7 +19,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,11 +52,18 @@ def main():
         report = drive(args, port, run.pk)
     finally:
         stop_process(web)
-    report["machine"] = f"{platform.machine()}, Chromium headless (software rendering), 2 CPU cores"
+    report["machine"] = f"{platform.machine()}, Chromium headless (software rendering, no GPU), {os.cpu_count()} CPU cores"
     print(f"review screen, {args.images:,} images x {args.per_image} instances, {report['tiles_on_screen']} images on screen")
-    print(f"  slider -> redraw (in browser)   p50 {report['slider_ms']['p50']:6.2f} ms  p95 {report['slider_ms']['p95']:6.2f} ms  (target p95 < 16 ms)")
-    print(f"  baseline: server round trip     p50 {report['round_trip_ms']['p50']:6.2f} ms  p95 {report['round_trip_ms']['p95']:6.2f} ms")
-    print(f"  scrolling through all images    {report['scroll_fps']:.1f} frames/s (p95 frame {report['scroll_frame_p95_ms']:.1f} ms)")
+    print(f"  slider -> overlays and statistics redrawn   p50 {report['slider_ms']['p50']:6.2f} ms  p95 {report['slider_ms']['p95']:6.2f} ms  (target p95 < 16 ms)")
+    print(f"     of which (mean) statistics {report['slider_breakdown_ms']['stats']:.2f} ms, side panel {report['slider_breakdown_ms']['panel']:.2f} ms, "
+          f"{report['tiles_on_screen']} overlays {report['slider_breakdown_ms']['overlays']:.2f} ms")
+    print(f"  slider -> next painted frame (2 x rAF)      p50 {report['slider_to_painted_frame_ms']['p50']:6.1f} ms  p95 {report['slider_to_painted_frame_ms']['p95']:6.1f} ms")
+    print(f"  baseline: one server round trip per move   p50 {report['round_trip_ms']['p50']:6.2f} ms  p95 {report['round_trip_ms']['p95']:6.2f} ms")
+    print(f"  scrolling                                  {report['scroll_fps']:.1f} frames/s (p95 frame {report['scroll_frame_p95_ms']:.1f} ms), "
+          f"{report['scrolled_fraction']:.0%} of the 10,000 images passed in the time allowed; "
+          f"our script's share of a frame {report['scroll_js_ms_per_frame']:.1f} ms")
+    print(f"  scrolling at 1366x768                      {report['scroll_fps_1366x768']:.1f} frames/s, "
+          f"{report['scrolled_fraction_1366x768']:.0%} of the images passed")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
 
@@ -83,12 +89,19 @@ def drive(args, port, run_id):
         slider = page.evaluate("""async () => {
             const el = document.getElementById('threshold');
             window.__distillTimings.length = 0;
+            window.__distillBreakdown.length = 0;
+            const frame = [];
             for (let i = 0; i < 200; i++) {
+              const t = performance.now();
               el.value = ((i * 37) % 1000) / 1000;
               el.dispatchEvent(new Event('input'));
-              await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
+              // two animation frames later, the frame holding the redraw has been painted
+              await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+              frame.push(performance.now() - t);
             }
-            return window.__distillTimings.slice();
+            const bd = window.__distillBreakdown, avg = (k) => bd.reduce((s, x) => s + x[k], 0) / bd.length;
+            return {js: window.__distillTimings.slice(), frame,
+                    breakdown: {stats: avg('stats'), panel: avg('panel'), overlays: avg('tiles')}};
         }""")
         round_trip = page.evaluate(f"""async () => {{
             const out = [];
@@ -100,29 +113,41 @@ def drive(args, port, run_id):
             }}
             return out;
         }}""")
-        frames = page.evaluate("""async () => {
+        scroll = """async () => {
             const g = document.getElementById('grid');
             const total = g.scrollHeight - g.clientHeight;
             const frames = [];
             let last = performance.now();
             const t0 = last;
+            // 150 px a frame (9,000 px/s at 60 Hz): a brisk scroll, new tiles on every frame
             while (g.scrollTop < total - 1 && performance.now() - t0 < 20000) {
-              g.scrollTop = Math.min(total, g.scrollTop + 600);
+              g.scrollTop = Math.min(total, g.scrollTop + 150);
               g.dispatchEvent(new Event('scroll'));
               await new Promise((r) => requestAnimationFrame(r));
               const now = performance.now();
               frames.push(now - last);
               last = now;
             }
-            return {frames, reached: g.scrollTop / total};
-        }""")
+            const lt = window.__distillLayoutTimes.slice(-frames.length);
+            return {frames, reached: g.scrollTop / total, layout_ms: lt.reduce((a, b) => a + b, 0) / Math.max(1, lt.length)};
+        }"""
+        frames = page.evaluate(scroll)
+        page.set_viewport_size({"width": 1366, "height": 768})
+        page.wait_for_timeout(500)
+        page.evaluate("document.getElementById('grid').scrollTop = 0")
+        page.wait_for_timeout(1000)
+        small = page.evaluate(scroll)
         browser.close()
     ft = frames["frames"]
     return {"tiles_on_screen": tiles, "images": args.images,
-            "slider_ms": {"p50": round(pct(slider, 50), 2), "p95": round(pct(slider, 95), 2), "n": len(slider)},
+            "slider_ms": {"p50": round(pct(slider["js"], 50), 2), "p95": round(pct(slider["js"], 95), 2), "n": len(slider["js"])},
+            "slider_to_painted_frame_ms": {"p50": round(pct(slider["frame"], 50), 1), "p95": round(pct(slider["frame"], 95), 1)},
+            "slider_breakdown_ms": {k: round(v, 2) for k, v in slider["breakdown"].items()},
             "round_trip_ms": {"p50": round(pct(round_trip, 50), 2), "p95": round(pct(round_trip, 95), 2)},
             "scroll_fps": round(1000 / (sum(ft) / len(ft)), 1), "scroll_frame_p95_ms": round(pct(ft, 95), 1),
-            "scrolled_fraction": round(frames["reached"], 3)}
+            "scrolled_fraction": round(frames["reached"], 3), "scroll_js_ms_per_frame": round(frames["layout_ms"], 2),
+            "scroll_fps_1366x768": round(1000 / (sum(small["frames"]) / len(small["frames"])), 1),
+            "scrolled_fraction_1366x768": round(small["reached"], 3)}
 
 
 if __name__ == "__main__":

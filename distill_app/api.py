@@ -10,7 +10,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.http import FileResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -363,8 +363,11 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         with_views = p.get("views", "true").lower() not in ("0", "false", "no")
         cols = ["id", "image_id", "agreement", "max_score", "num_instances", "ensembled", "error"] + \
             (["views"] if with_views else [])
-        qs = qs.order_by(*fields[order]).values(*cols)
-        page = self.paginate_queryset(qs)
+        # Page through ids alone (a covering index walk, cheap even at a deep offset), then load
+        # only the page's rows: SQLite would otherwise read every skipped row's JSON.
+        ids = self.paginate_queryset(qs.order_by(*fields[order]).values_list("id", flat=True))
+        rows = {r["id"]: r for r in Prediction.objects.filter(id__in=list(ids)).values(*cols)}
+        page = [rows[i] for i in ids]
         # a second query for the page's images keeps the ordering on the prediction index alone
         images = {i["id"]: i for i in Image.objects.filter(id__in=[r["image_id"] for r in page])
                   .values("id", "width", "height", "file_name")}

@@ -75,9 +75,14 @@ def weighted_box_fusion(boxes, scores, labels, num_views: int, iou_thresh: float
                 if ious[best] > iou_thresh:
                     j = best
             if j < 0:
-                fused_b.append(b[i].clone()); sums_w.append(s[i].clone()); sums_b.append(b[i] * s[i]); members.append([i])
+                fused_b.append(b[i].clone())
+                sums_w.append(s[i].clone())
+                sums_b.append(b[i] * s[i])
+                members.append([i])
             else:
-                sums_w[j] = sums_w[j] + s[i]; sums_b[j] = sums_b[j] + b[i] * s[i]; members[j].append(i)
+                sums_w[j] = sums_w[j] + s[i]
+                sums_b[j] = sums_b[j] + b[i] * s[i]
+                members[j].append(i)
                 fused_b[j] = sums_b[j] / sums_w[j]
         for j, mem in enumerate(members):
             ms = s[mem]
@@ -145,17 +150,23 @@ def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], labels: list[torch.Tensor], *,
                          num_views: int = 1, method: str = "nms_vote", score_thresh: float = 0.05,
                          nms_thresh: float = 0.5, vote_thresh: float = 0.8, vote_scoring: str = "id",
-                         wbf_thresh: float = 0.55, detections_per_img: int = 100):
-    """`ensemble_boxes` for many images at once, with the same results, in a handful of tensor
-    ops: one NMS call over every (image, class) group, box voting as one padded batched IoU.
-    WBF, being sequential, falls back to one image at a time."""
+                         wbf_thresh: float = 0.55, detections_per_img: int = 100, padded: bool | None = None):
+    """`ensemble_boxes` for many images at once, with the same results.
+
+    padded=True does it in a handful of tensor ops: one NMS call over every (image, class)
+    group, box voting as one padded batched IoU. That wins on a GPU, where per-image kernel
+    launches dominate; on the CPU the padding costs more than it saves (benchmarks/
+    ensemble_throughput.py), so the default (None) pads on CUDA only. WBF, being sequential,
+    always goes one image at a time."""
     _check_choice(method, BOX_METHODS, "box ensembling method")
     _check_choice(vote_scoring, VOTE_SCORING, "vote scoring")
     n = len(boxes)
     kw = dict(num_views=num_views, method=method, score_thresh=score_thresh, nms_thresh=nms_thresh,
               vote_thresh=vote_thresh, vote_scoring=vote_scoring, wbf_thresh=wbf_thresh,
               detections_per_img=detections_per_img)
-    if method == "wbf" or n == 0:
+    if padded is None:
+        padded = n > 0 and boxes[0].is_cuda
+    if method == "wbf" or n == 0 or not padded:
         return [ensemble_boxes(b, s, lab, **kw) for b, s, lab in zip(boxes, scores, labels)]
     dev = boxes[0].device
     img = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=dev) for i, b in enumerate(boxes)])
@@ -246,9 +257,9 @@ def agreement(view_boxes: list[torch.Tensor], view_labels: list[torch.Tensor], e
     if n_views == 0:
         return 0.0
     total = 0.0
-    for b, l in zip(view_boxes, view_labels):
+    for b, lab in zip(view_boxes, view_labels):
         if b.numel() == 0:
             continue
-        iou = box_iou(ens_boxes, b.float()) * (ens_labels[:, None] == l[None, :])
+        iou = box_iou(ens_boxes, b.float()) * (ens_labels[:, None] == lab[None, :])
         total += float(iou.amax(1).sum())
     return total / (n_views * len(ens_boxes))

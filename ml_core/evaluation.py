@@ -18,7 +18,7 @@ STAT_NAMES = {
 def coco_from_dict(doc: dict) -> COCO:
     coco = COCO()
     d = copy.deepcopy(doc)
-    for i, a in enumerate(d.get("annotations", [])):
+    for a in d.get("annotations", []):
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
         if "keypoints" in a:

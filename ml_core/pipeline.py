@@ -278,7 +278,7 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     paths = [str(d / "unlabeled" / im["file_name"]) for im in unlabeled["images"]]
     ids = [im["id"] for im in unlabeled["images"]]
     ensembled: dict[int, list[dict]] = {}
-    for i, pred, err in infer(teacher, paths, transforms=o.transforms, options=o.options, device=device,
+    for i, pred, _err in infer(teacher, paths, transforms=o.transforms, options=o.options, device=device,
                               progress=progress_for(f"infer x{len(o.transforms.views)} views")):
         if pred is not None:
             ensembled[ids[i]] = pred["ensembled"]

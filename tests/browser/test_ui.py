@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -121,7 +120,7 @@ def test_launch_a_student_and_watch_it_train(page, live_server, ready_run):
 def test_user_text_is_escaped_everywhere(page, live_server, as_alice, tmp_path, celery_worker_process):
     evil = '<img src=x onerror="alert(1)">'
     p = as_alice.post("/api/projects/", {"name": evil, "task": "detection"}, format="json").json()
-    ds = as_alice.post("/api/datasets/", {"project": p["id"], "name": evil, "role": "unlabeled"}, format="json").json()
+    as_alice.post("/api/datasets/", {"project": p["id"], "name": evil, "role": "unlabeled"}, format="json")
     f = tmp_path / "<b onmouseover=alert(2)>bold.png"
     f.write_bytes(png_bytes())
     page.goto(live_server.url + "/")

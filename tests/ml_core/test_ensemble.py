@@ -77,7 +77,7 @@ def test_batched_ensembling_equals_one_image_at_a_time(method, scoring):
         scores.append(torch.rand(2 * n, generator=g))
         labels.append(torch.randint(1, 4, (2 * n,), generator=g))
     batched = ensemble_boxes_batch(boxes, scores, labels, num_views=2, method=method, vote_scoring=scoring,
-                                   detections_per_img=30)
+                                   detections_per_img=30, padded=True)
     for (bb, bs, bl), b, s, lab in zip(batched, boxes, scores, labels):
         eb, es, el = ensemble_boxes(b, s, lab, num_views=2, method=method, vote_scoring=scoring, detections_per_img=30)
         assert torch.allclose(bb, eb, atol=1e-4) and torch.allclose(bs, es, atol=1e-6) and torch.equal(bl, el)

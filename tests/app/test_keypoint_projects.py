@@ -1,0 +1,47 @@
+"""A keypoint project through the API: COCO keypoints in, a Keypoint R-CNN teacher, inference with
+flipped views (the flip map comes from the left_/right_ names), keypoints in the pseudo-labels."""
+import json
+
+import pytest
+
+from ml_core.synth import SynthConfig, generate
+from tests.app.conftest import TINY_TRAIN, build_project
+
+
+@pytest.fixture(scope="module")
+def synth_kp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_kp")
+    generate(out, SynthConfig(kind="keypoints", image_size=64, labeled=6, unlabeled=4, val=3, seed=2))
+    return out
+
+
+def test_keypoint_workflow(as_alice, synth_kp):
+    ids = build_project(as_alice, synth_kp, task="keypoints")
+    project = as_alice.get(f"/api/projects/{ids['project']}/").json()
+    assert project["categories"][0]["keypoints"][1] == "left_shoulder"
+    r = as_alice.post("/api/training-runs/", {"project": ids["project"], "arch": "keypointrcnn_tiny", "labeled": ids["labeled"],
+                                              "validation": ids["validation"], "config": TINY_TRAIN}, format="json")
+    run = as_alice.get(f"/api/training-runs/{r.json()['id']}/").json()
+    assert run["job"]["state"] == "succeeded", run["job"]["error"]
+    evals = as_alice.get(f"/api/evaluations/?checkpoint={run['checkpoint']}").json()["results"]
+    assert set(evals[0]["stats"]) == {"bbox", "keypoints"}
+    r = as_alice.post("/api/inference-runs/", {"project": ids["project"], "checkpoint": run["checkpoint"], "dataset": ids["unlabeled"],
+                                               "transforms": {"scales": [48, 64], "flip": True, "max_size": 200}}, format="json")
+    inf = as_alice.get(f"/api/inference-runs/{r.json()['id']}/").json()
+    assert inf["job"]["state"] == "succeeded", inf["job"]["error"]
+    pred = as_alice.get(f"/api/inference-runs/{inf['id']}/predictions/").json()["results"][0]
+    assert len(pred["ensembled"][0]["keypoints"]) == 27 and len(pred["views"]["s48-flip"][0]["keypoints"]) == 27
+    pls = as_alice.post("/api/pseudo-label-sets/", {"run": inf["id"], "thresholds": 0.0}, format="json").json()
+    doc = json.loads(b"".join(as_alice.get(f"/api/pseudo-label-sets/{pls['id']}/export/").streaming_content))
+    assert doc["annotations"] and all(len(a["keypoints"]) == 27 for a in doc["annotations"])
+
+
+def test_keypoint_project_refuses_detection_data(as_alice, synth_kp):
+    from tests.app.conftest import upload_split
+    p = as_alice.post("/api/projects/", {"name": "k", "task": "keypoints"}, format="json").json()
+    ds = as_alice.post("/api/datasets/", {"project": p["id"], "name": "l", "role": "labeled"}, format="json").json()
+    _, doc = upload_split(as_alice, ds["id"], synth_kp, "labeled")
+    doc = {**doc, "categories": [{"id": 1, "name": "figure"}],
+           "annotations": [{k: v for k, v in a.items() if k != "keypoints"} for a in doc["annotations"]]}
+    r = as_alice.post(f"/api/datasets/{ds['id']}/import-coco/", doc, format="json")
+    assert r.status_code == 400 and "declare no 'keypoints'" in r.json()["message"]
