@@ -29,7 +29,7 @@ from ml_core.transforms import TransformSet
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
-    "cpu": {"size": 96, "labeled": 60, "unlabeled": 200, "val": 60, "iterations": 300, "student": 450, "batch": 8,
+    "cpu": {"size": 96, "labeled": 60, "unlabeled": 200, "val": 60, "iterations": 300, "student": 450, "batch": 4,
             "scales": [64, 96, 128, 160], "arch": {"detection": "fasterrcnn_tiny", "keypoints": "keypointrcnn_tiny"}},
     "gpu": {"size": 512, "labeled": 500, "unlabeled": 4000, "val": 500, "iterations": 6000, "student": 12000, "batch": 16,
             "scales": [400, 500, 600, 700, 800], "arch": {"detection": "fasterrcnn_resnet50_fpn",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -84,15 +85,39 @@ def cmd_synth(args):
         print(f"{k:<13} {v}")
 
 
+def _init_distributed(device: str | None) -> str | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per process (gloo on
+    the CPU). fit() then wraps the model in DistributedDataParallel and gives every rank its own
+    batches; rank 0 writes the checkpoint."""
+    import torch
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
 def cmd_train(args):
     from . import pipeline
+    args.device = _init_distributed(args.device)
     cfg = _train_config(args)
     state = pipeline.train(args.labeled, args.images or str(Path(args.labeled).with_suffix("")), args.out,
                            arch=args.arch, config=cfg, pseudo_json=args.pseudo,
                            pseudo_root=args.pseudo_images or (str(Path(args.pseudo).parent / "unlabeled") if args.pseudo else None),
                            teacher=args.teacher, init=args.init, weights=args.weights, min_size=args.min_size,
-                           role="student" if args.pseudo else "teacher", hooks=[BarHook("train")], device=args.device,
+                           role="student" if args.pseudo else "teacher", device=args.device,
+                           hooks=[BarHook("train")] if os.environ.get("RANK", "0") == "0" else [],
                            skip_invalid=args.skip_invalid, flip=not args.no_flip)
+    import torch
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank:
+            return
     print(f"saved {args.out} after {state.iteration} iterations, final loss {state.losses.get('loss', float('nan')):.4f}")
 
 

@@ -108,6 +108,14 @@ def celery_worker_process(redis_server, django_db_setup, django_db_blocker, medi
     from distill_app.services import start_worker, stop_process
     app.conf.broker_url = redis_server.url
     app.conf.result_backend = redis_server.url
+    # Earlier (eager) tests may have built connection pools and a result backend for the default
+    # URL; drop them so that this process talks to the test Redis.
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    if "amqp" in app.__dict__:
+        app.__dict__["amqp"]._producer_pool = None
+    app._local.__dict__.pop("backend", None)
     db_name = settings.DATABASES["default"]["NAME"]
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     log = open(log_path, "wb")

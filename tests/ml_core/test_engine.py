@@ -76,3 +76,19 @@ def test_keypoint_teacher_trains_with_flip_augmentation(kp_data, tmp_path):
     state = pipeline.train(str(kp_data / "labeled.json"), str(kp_data / "labeled"), str(tmp_path / "k.pt"),
                            arch="keypointrcnn_tiny", config=_cfg(iterations=2), device="cpu")
     assert torch.isfinite(torch.tensor(state.losses["loss"]))
+
+
+def test_two_process_data_parallel_training_under_torchrun(det_data, tmp_path):
+    """The multi-GPU path (torchrun + DistributedDataParallel), run small on the CPU with gloo."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + os.getpid() % 1000), "-m", "ml_core.cli", "train", str(det_data / "labeled.json"),
+                        "--out", str(out), "--arch", "fasterrcnn_tiny", "--iterations", "2", "--batch-size", "2",
+                        "--workers", "0", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ck = read_checkpoint(out)
+    assert ck["iteration"] == 2 and not any(k.startswith("module.") for k in ck["model"])
