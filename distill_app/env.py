@@ -46,8 +46,11 @@ def envlist(name: str, default: list[str]) -> list[str]:
     return [p.strip() for p in raw.split(",") if p.strip()]
 
 
-# WAL lets the web server read while a worker writes; the timeout rides out short write locks.
-SQLITE_OPTIONS = {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+# WAL lets the web server read while a worker writes; the timeout rides out short write locks;
+# IMMEDIATE transactions take the write lock up front, so two writers queue on the timeout instead
+# of deadlocking (a deferred transaction that upgrades to writing gets "database is locked" at once).
+SQLITE_OPTIONS = {"timeout": 30, "transaction_mode": "IMMEDIATE",
+                  "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
 
 
 def database_from_url(url: str) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from celery import chord
 from django.conf import settings
-from django.db import transaction
+from django.db import OperationalError, transaction
 
 from ml_core import pipeline
 from ml_core.engine import TrainConfig
@@ -36,6 +36,11 @@ def _rel(path: Path) -> str:
     return str(Path(path).resolve().relative_to(Path(settings.MEDIA_ROOT).resolve()))
 
 
+# A database that is briefly busy (SQLite under load, a PostgreSQL fail-over) is retried, with backoff.
+TASK_OPTIONS = dict(acks_late=True, autoretry_for=(OperationalError,), retry_backoff=2, retry_jitter=True,
+                    max_retries=6)
+
+
 def _guard(fn):
     """Skip is how `running` says 'already done': not an error for Celery."""
     @functools.wraps(fn)
@@ -47,7 +52,7 @@ def _guard(fn):
     return wrapper
 
 
-@app.task(acks_late=True)
+@app.task(**TASK_OPTIONS)
 @_guard
 def ping(job_id: int):
     """Round trip through the broker and a worker into the database (the foundation test)."""
@@ -56,7 +61,7 @@ def ping(job_id: int):
     return "pong"
 
 
-@app.task(acks_late=True)
+@app.task(**TASK_OPTIONS)
 @_guard
 def ingest_zip_task(job_id: int, dataset_id: int, zip_path: str):
     with running(job_id) as job:
@@ -74,7 +79,7 @@ def _write_coco(doc: dict, path: Path) -> str:
     return pipeline.write_json(path, doc)
 
 
-@app.task(acks_late=True)
+@app.task(**TASK_OPTIONS)
 @_guard
 def train_model(run_id: int):
     run = TrainingRun.objects.select_related("job", "labeled", "pseudo_label_set", "teacher", "validation").get(pk=run_id)
@@ -111,7 +116,7 @@ def _evaluate_inline(ckpt: ModelCheckpoint, dataset: Dataset, job: Job) -> Evalu
     return Evaluation.objects.create(project=ckpt.project, checkpoint=ckpt, dataset=dataset, stats=stats, job=ev_job)
 
 
-@app.task(acks_late=True)
+@app.task(**TASK_OPTIONS)
 @_guard
 def evaluate_checkpoint(evaluation_id: int):
     ev = Evaluation.objects.select_related("checkpoint", "dataset", "job").get(pk=evaluation_id)
@@ -151,7 +156,7 @@ def _predictor(path: str, mtime: float, transforms: str, options: str, device: s
                                   EnsembleOptions.from_dict(json.loads(options)), device)
 
 
-@app.task(acks_late=True)
+@app.task(**TASK_OPTIONS)
 @_guard
 def infer_chunk(run_id: int, chunk: int):
     import json
@@ -193,7 +198,7 @@ def infer_chunk(run_id: int, chunk: int):
                  message=f"{done}/{run.chunks_total} chunks of {run.chunk_size} images")
 
 
-@app.task(acks_late=True)
+@app.task(**TASK_OPTIONS)
 @_guard
 def finalize_inference(run_id: int):
     run = InferenceRun.objects.select_related("job").get(pk=run_id)
@@ -205,7 +210,7 @@ def finalize_inference(run_id: int):
         job.beat(result=summary, message="finished")
 
 
-@app.task(acks_late=True)
+@app.task(**TASK_OPTIONS)
 @_guard
 def build_pseudo_labels(set_id: int):
     pls = PseudoLabelSet.objects.select_related("run", "job").get(pk=set_id)

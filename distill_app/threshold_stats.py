@@ -139,8 +139,8 @@ def scores_payload(run: InferenceRun) -> dict:
     """Every ensembled score of the run as flat arrays, for live statistics in the browser."""
     a, summary = load(run)
     image_ids = list(Image.objects.filter(dataset=run.dataset).order_by("id").values_list("id", flat=True))
-    return {"image_ids": image_ids, "scores": np.round(a["u_scores"], 4).tolist(), "categories": a["u_cats"].tolist(),
+    return {"image_ids": image_ids, "scores": np.round(a["u_scores"], 5).tolist(), "categories": a["u_cats"].tolist(),
             "image_index": a["u_img"].tolist(),
-            "validation": {"scores": np.round(a["v_scores"], 4).tolist(), "categories": a["v_cats"].tolist(),
+            "validation": {"scores": np.round(a["v_scores"], 5).tolist(), "categories": a["v_cats"].tolist(),
                            "tp": a["v_tp"].astype(int).tolist(), "ground_truth": int(a["num_gt"])},
             "summary": summary}

@@ -192,7 +192,7 @@ def cmd_pipeline(args):
                            teacher_config=_train_config(args), student_config=_train_config(
                                args, iterations=int(args.iterations * args.student_schedule)),
                            threshold=args.threshold, init=args.init, device=args.device, min_size=args.min_size,
-                           baselines=args.baselines)
+                           baselines=args.baselines, num_workers=args.workers)
     report = run_pipeline(opts, hooks_for=lambda name: [BarHook(name)], progress_for=lambda name: _bar(name))
     key = "keypoints" if "keypoints" in next(iter(report["results"].values())) else "bbox"
     print(f"\n{key} AP on the validation split ({report['val_images']} images):")

@@ -221,6 +221,18 @@ def loader_workers(requested: int) -> int:
     return 0 if multiprocessing.current_process().daemon else requested
 
 
+def loader_kwargs(requested_workers: int) -> dict:
+    """DataLoader arguments for `requested_workers` decoding processes.
+
+    Workers start from a forkserver, not by forking the caller: a forked child inherits the
+    caller's sockets and threads (a broker connection, CUDA), and some libraries' after-fork
+    clean-up then blocks on them."""
+    n = loader_workers(requested_workers)
+    if n == 0:
+        return {"num_workers": 0}
+    return {"num_workers": n, "multiprocessing_context": "forkserver"}
+
+
 def collate(batch):
     return tuple(zip(*batch))
 

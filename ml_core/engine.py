@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .data import MixedBatchSampler, collate, loader_workers, parse_ratio
+from .data import MixedBatchSampler, collate, loader_kwargs, parse_ratio
 
 
 class Cancelled(Exception):
@@ -162,7 +162,7 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
 
     # The sampler is deterministic: a resumed run skips the batches it has already trained on.
     sampler.skip = state.iteration
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loader_workers(config.num_workers),
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **loader_kwargs(config.num_workers),
                         pin_memory=device.type == "cuda", persistent_workers=False)
     for h in hooks:
         h.before_train(state)

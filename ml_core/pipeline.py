@@ -241,11 +241,11 @@ class PipelineOptions:
     def __init__(self, data: str, out: str, arch: str, transforms: TransformSet, teacher_config: TrainConfig,
                  student_config: TrainConfig, threshold: str | float = "auto", init: str = "retrain",
                  device: str | None = None, min_size: int | None = None, baselines: bool = False,
-                 options: EnsembleOptions | None = None):
+                 options: EnsembleOptions | None = None, num_workers: int = 2):
         self.data, self.out, self.arch, self.transforms = Path(data), Path(out), arch, transforms
         self.teacher_config, self.student_config = teacher_config, student_config
         self.threshold, self.init, self.device, self.min_size = threshold, init, device, min_size
-        self.baselines, self.options = baselines, options or EnsembleOptions()
+        self.baselines, self.options, self.num_workers = baselines, options or EnsembleOptions(), num_workers
         for name in ("labeled.json", "unlabeled.json", "val.json"):
             if not (self.data / name).is_file():
                 raise ValueError(f"{self.data} has no {name}; write one with `distill synth` or lay yours out alike")
@@ -279,7 +279,7 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     ids = [im["id"] for im in unlabeled["images"]]
     ensembled: dict[int, list[dict]] = {}
     for i, pred, _err in infer(teacher, paths, transforms=o.transforms, options=o.options, device=device,
-                              progress=progress_for(f"infer x{len(o.transforms.views)} views")):
+                              num_workers=o.num_workers, progress=progress_for(f"infer x{len(o.transforms.views)} views")):
         if pred is not None:
             ensembled[ids[i]] = pred["ensembled"]
     scores = [p["score"] for items in ensembled.values() for p in items]

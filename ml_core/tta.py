@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import ensemble
-from .data import load_image, loader_workers
+from .data import load_image, loader_kwargs
 from .transforms import TransformSet, View, boxes_to_view, flip_boxes, flip_keypoints
 
 
@@ -197,6 +197,10 @@ class MultiTransformPredictor:
         return r
 
 
+def _as_list(batch):
+    return batch
+
+
 class _ImageFiles(Dataset):
     def __init__(self, paths):
         self.paths = list(paths)
@@ -220,8 +224,8 @@ def run_inference(predictor: MultiTransformPredictor, paths: list[str], *, group
     """
     if not paths:
         raise ValueError("no images to run inference on")
-    loader = DataLoader(_ImageFiles(paths), batch_size=group_size, num_workers=loader_workers(num_workers),
-                        collate_fn=lambda b: b, pin_memory=predictor.device.type == "cuda",
+    loader = DataLoader(_ImageFiles(paths), batch_size=group_size, **loader_kwargs(num_workers),
+                        collate_fn=_as_list, pin_memory=predictor.device.type == "cuda",
                         persistent_workers=False)
     done = 0
     for group in loader:

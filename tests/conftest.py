@@ -135,6 +135,10 @@ def celery_worker_process(redis_server, django_db_setup, django_db_blocker, medi
     proc.log_path = log_path
     yield proc
     stop_process(proc)
+    # Close this process's broker connections: a later fork (a DataLoader worker) would otherwise
+    # inherit them, and kombu's after-fork cleanup blocks on the dead broker.
+    app.pool.force_close_all()
+    app._pool = None
 
 
 def wait_for(predicate, timeout=300, interval=0.5, what="condition"):

@@ -79,7 +79,8 @@ def test_delete_a_box_and_find_the_review_through_the_api(page, live_server, rea
     page.eval_on_selector("#threshold", "el => { el.value = 0; el.dispatchEvent(new Event('input')); }")
     page.select_option("#ordering", "image")
     page.wait_for_function("document.querySelectorAll('.tile').length === 12")
-    first = as_alice.get(f"/api/inference-runs/{run}/predictions/?ordering=image").json()["results"][0]
+    first = next(r for r in as_alice.get(f"/api/inference-runs/{run}/predictions/?ordering=image").json()["results"]
+                 if r["ensembled"])
     page.click(f".tile[data-image='{first['image']}']")
     page.wait_for_selector("canvas#editor[data-instances]")
     n = int(page.get_attribute("canvas#editor", "data-instances"))

@@ -23,7 +23,7 @@ def test_infer_select_evaluate_commands(tmp_path, capsys):
     assert main(["train", str(data / "labeled.json"), "--out", str(ck), "--arch", "fasterrcnn_tiny", "--iterations", "2",
                  "--batch-size", "2", "--workers", "0", "--device", "cpu"]) == 0
     assert main(["infer", str(ck), str(data / "unlabeled.json"), "--scales", "48,64", "--out", str(tmp_path / "p.json"),
-                 "--views-out", str(tmp_path / "v.json"), "--workers", "0", "--device", "cpu"]) == 0
+                 "--views-out", str(tmp_path / "v.json"), "--workers", "1", "--device", "cpu"]) == 0  # forkserver loading
     views = json.loads((tmp_path / "v.json").read_text())
     assert {v["view"] for v in views} <= {"s48", "s48-flip", "s64", "s64-flip"}
     assert main(["select", str(tmp_path / "p.json"), str(data / "unlabeled.json"), "--threshold", "auto",
