@@ -13,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pct(xs, q):
+    """The q-th percentile of xs (nearest rank)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
 def django_setup(data_dir: Path):
     data_dir.mkdir(parents=True, exist_ok=True)
     os.environ["DISTILL_DATA_DIR"] = str(data_dir)

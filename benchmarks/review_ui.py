@@ -22,12 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _seed import ROOT, django_setup, seed_run  # noqa: E402
+from _seed import ROOT, django_setup, pct, seed_run  # noqa: E402
 
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def main():

@@ -45,10 +45,6 @@ def _new_job(request, project, kind) -> Job:
     return Job.objects.create(project=project, owner=request.user, kind=kind)
 
 
-def _refresh_stale(job_qs):
-    mark_stale_jobs(job_qs)
-
-
 class ProjectViewSet(viewsets.ModelViewSet):
     serializer_class = ProjectSerializer
 
@@ -63,7 +59,7 @@ class ProjectViewSet(viewsets.ModelViewSet):
     def pipeline(self, request, pk=None):
         """The state of each step: labeled data, teacher, unlabeled data, inference, review, student, evaluation."""
         p = self.get_object()
-        _refresh_stale(Job.objects.filter(project=p))
+        mark_stale_jobs(Job.objects.filter(project=p))
         ds = {r: list(p.datasets.filter(role=r).annotate(n=Count("images")).values("id", "name", "n"))
               for r in ("labeled", "unlabeled", "validation")}
 
@@ -249,18 +245,21 @@ class ModelCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, m
         return FileResponse(open(c.path, "rb"), as_attachment=True, filename=f"{c.role}-{c.pk}-{c.arch}.pt")
 
 
+def cancel_job(job: Job) -> Response:
+    """Ask a running job to stop (its task checks); a job still queued is cancelled at once."""
+    if job.is_final:
+        raise Conflict(f"the job is already {job.state}")
+    Job.objects.filter(pk=job.pk).update(cancel_requested=True)
+    Job.objects.filter(pk=job.pk, state=Job.QUEUED).update(state=Job.CANCELLED, finished=timezone.now())
+    job.refresh_from_db()
+    return Response(JobSerializer(job).data)
+
+
 class JobControl:
     """cancel and retry for objects that own a job."""
 
     def _cancel(self, obj):
-        job = obj.job
-        if job.is_final:
-            raise Conflict(f"the job is already {job.state}")
-        Job.objects.filter(pk=job.pk).update(cancel_requested=True)
-        if job.state == Job.QUEUED:
-            Job.objects.filter(pk=job.pk, state=Job.QUEUED).update(state=Job.CANCELLED, finished=timezone.now())
-        job.refresh_from_db()
-        return Response(JobSerializer(job).data)
+        return cancel_job(obj.job)
 
     def _retry(self, obj, send):
         job = obj.job
@@ -292,7 +291,7 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         qs = owned(InferenceRun.objects.select_related("job", "project"), self.request.user)
         if self.request.query_params.get("project"):
             qs = qs.filter(project=self.request.query_params["project"])
-        _refresh_stale(Job.objects.filter(inference_run__in=qs))
+        mark_stale_jobs(Job.objects.filter(inference_run__in=qs))
         return qs
 
     def perform_create(self, serializer):
@@ -541,7 +540,7 @@ class TrainingRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelMi
         for f in ("project", "role"):
             if self.request.query_params.get(f):
                 qs = qs.filter(**{f: self.request.query_params[f]})
-        _refresh_stale(Job.objects.filter(training_run__in=qs))
+        mark_stale_jobs(Job.objects.filter(training_run__in=qs))
         return qs
 
     def create(self, request, *args, **kwargs):
@@ -599,19 +598,13 @@ class JobViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self):
         qs = Job.objects.filter(owner=self.request.user) if self.request.user.is_authenticated else Job.objects.none()
-        _refresh_stale(qs)
+        mark_stale_jobs(qs)
         return qs
 
     @extend_schema(request=None, responses={200: JobSerializer, 409: MESSAGE})
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        job = self.get_object()
-        if job.is_final:
-            raise Conflict(f"the job is already {job.state}")
-        Job.objects.filter(pk=job.pk).update(cancel_requested=True)
-        Job.objects.filter(pk=job.pk, state=Job.QUEUED).update(state=Job.CANCELLED, finished=timezone.now())
-        job.refresh_from_db()
-        return Response(JobSerializer(job).data)
+        return cancel_job(self.get_object())
 
     @extend_schema(request=None, responses={202: JobSerializer})
     @action(detail=False, methods=["post"])

@@ -107,10 +107,16 @@ def train_model(run_id: int):
                 _evaluate_inline(run.teacher, run.validation, job)
 
 
+def _coco_ap(ckpt: ModelCheckpoint, dataset: Dataset, progress=None) -> dict:
+    """COCO AP of a checkpoint on a dataset of its project (the dataset written as COCO JSON first)."""
+    val_json = _write_coco(dataset_to_coco(dataset), ckpt.project.folder / "evaluations" / f"dataset{dataset.pk}.json")
+    return pipeline.evaluate(str(ckpt.path), val_json, settings.MEDIA_ROOT, device=_device(), progress=progress,
+                             num_workers=0)
+
+
 def _evaluate_inline(ckpt: ModelCheckpoint, dataset: Dataset, job: Job) -> Evaluation:
-    folder = ckpt.project.folder / "evaluations"
-    val_json = _write_coco(dataset_to_coco(dataset), folder / f"dataset{dataset.pk}.json")
-    stats = pipeline.evaluate(str(ckpt.path), val_json, settings.MEDIA_ROOT, device=_device(), num_workers=0)
+    """An evaluation done inside a training job, recorded with its own (finished) job row."""
+    stats = _coco_ap(ckpt, dataset)
     ev_job = Job.objects.create(project=ckpt.project, owner=job.owner, kind="evaluate", state=Job.SUCCEEDED,
                                 progress=1.0, started=job.started, finished=job.finished)
     return Evaluation.objects.create(project=ckpt.project, checkpoint=ckpt, dataset=dataset, stats=stats, job=ev_job)
@@ -121,10 +127,7 @@ def _evaluate_inline(ckpt: ModelCheckpoint, dataset: Dataset, job: Job) -> Evalu
 def evaluate_checkpoint(evaluation_id: int):
     ev = Evaluation.objects.select_related("checkpoint", "dataset", "job").get(pk=evaluation_id)
     with running(ev.job_id) as job:
-        folder = ev.project.folder / "evaluations"
-        val_json = _write_coco(dataset_to_coco(ev.dataset), folder / f"dataset{ev.dataset_id}.json")
-        ev.stats = pipeline.evaluate(str(ev.checkpoint.path), val_json, settings.MEDIA_ROOT, device=_device(),
-                                     progress=progress_writer(job, label="images "), num_workers=0)
+        ev.stats = _coco_ap(ev.checkpoint, ev.dataset, progress=progress_writer(job, label="images "))
         ev.save(update_fields=["stats"])
 
 

@@ -72,13 +72,18 @@ def test_compare_view_shows_one_panel_per_view(page, live_server, ready_run):
     assert "agreement" in page.inner_text("#detail-agreement")
 
 
-def test_delete_a_box_and_find_the_review_through_the_api(page, live_server, ready_run, as_alice):
-    run = ready_run["run"]
-    page.goto(f"{live_server.url}/runs/{run}/review/?")
+def open_review_all_boxes(page, live_server, run):
+    """The review screen at threshold 0, in upload order, with all 12 tiles drawn."""
+    page.goto(f"{live_server.url}/runs/{run}/review/")
     page.wait_for_selector("#review[data-ready='1']")
     page.eval_on_selector("#threshold", "el => { el.value = 0; el.dispatchEvent(new Event('input')); }")
     page.select_option("#ordering", "image")
     page.wait_for_function("document.querySelectorAll('.tile').length === 12")
+
+
+def test_delete_a_box_and_find_the_review_through_the_api(page, live_server, ready_run, as_alice):
+    run = ready_run["run"]
+    open_review_all_boxes(page, live_server, run)
     first = next(r for r in as_alice.get(f"/api/inference-runs/{run}/predictions/?ordering=image").json()["results"]
                  if r["ensembled"])
     page.click(f".tile[data-image='{first['image']}']")
@@ -138,11 +143,7 @@ def test_user_text_is_escaped_everywhere(page, live_server, as_alice, tmp_path, 
 
 def test_expired_session_goes_to_login_and_back_without_losing_edits(page, live_server, ready_run):
     run = ready_run["run"]
-    page.goto(f"{live_server.url}/runs/{run}/review/")
-    page.wait_for_selector("#review[data-ready='1']")
-    page.eval_on_selector("#threshold", "el => { el.value = 0; el.dispatchEvent(new Event('input')); }")
-    page.select_option("#ordering", "image")
-    page.wait_for_function("document.querySelectorAll('.tile').length === 12")
+    open_review_all_boxes(page, live_server, run)
     page.click(".tile >> nth=0")
     page.wait_for_selector("canvas#editor[data-instances]")
     n = int(page.get_attribute("canvas#editor", "data-instances"))
