@@ -129,7 +129,8 @@ def cmd_infer(args):
     root = Path(args.images or Path(args.images_json).with_suffix(""))
     ts = TransformSet.parse(args.scales, flip=not args.no_flip, max_size=args.max_size)
     opts = EnsembleOptions(method=args.method, vote_thresh=args.vote_thresh, vote_scoring=args.vote_scoring,
-                           heatmap_method=args.heatmap_method)
+                           heatmap_method=args.heatmap_method, keypoint_size_dependence=args.keypoint_size_dependence,
+                           keypoint_area_thresh=args.keypoint_area)
     results, errors, per_view = [], [], []
     paths = [str(root / im["file_name"]) for im in doc["images"]]
     for i, pred, err in pipeline.infer(args.checkpoint, paths, transforms=ts, options=opts, device=args.device,
@@ -242,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vote-thresh", type=float, default=0.8)
     s.add_argument("--vote-scoring", default="id", choices=["id", "avg", "iou_avg"])
     s.add_argument("--heatmap-method", default="mean", choices=["mean", "max"])
+    s.add_argument("--keypoint-size-dependence", action="store_true",
+                   help="keypoints: small boxes ignore down-scaled views, large ones up-scaled views")
+    s.add_argument("--keypoint-area", type=float, default=150.0 ** 2, metavar="PX2",
+                   help="box area (original pixels) that separates small from large (default 150^2)")
     s.add_argument("--group-size", type=int, default=4, help="images per batched group")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--device", default=None)

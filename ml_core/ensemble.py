@@ -7,6 +7,7 @@ over views on fixed boxes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
 from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
@@ -34,8 +35,23 @@ def box_voting(kept_boxes, kept_scores, kept_labels, all_boxes, all_scores, all_
     _check_choice(scoring, VOTE_SCORING, "vote scoring")
     if kept_boxes.numel() == 0:
         return kept_boxes, kept_scores
+    classes = kept_labels.unique()
+    if len(classes) == 1:
+        same = all_labels == classes[0]
+        return _vote(kept_boxes, kept_scores, all_boxes[same], all_scores[same], vote_thresh, scoring)
+    # class by class: only same-class boxes vote, so a (K, N) IoU over all classes is wasted work
+    boxes, scores = kept_boxes.clone(), kept_scores.clone()
+    for c in classes:
+        k, same = kept_labels == c, all_labels == c
+        boxes[k], scores[k] = _vote(kept_boxes[k], kept_scores[k], all_boxes[same], all_scores[same],
+                                    vote_thresh, scoring)
+    return boxes, scores
+
+
+def _vote(kept_boxes, kept_scores, all_boxes, all_scores, vote_thresh: float, scoring: str):
+    """box_voting within one class."""
     iou = box_iou(kept_boxes, all_boxes)                                     # (K, N)
-    voters = (iou >= vote_thresh) & (kept_labels[:, None] == all_labels[None, :])
+    voters = iou >= vote_thresh
     w = voters.to(all_scores.dtype) * all_scores[None, :]
     boxes = (w @ all_boxes) / w.sum(1, keepdim=True).clamp_min(1e-12)
     if scoring == "id":
@@ -52,46 +68,58 @@ def box_voting(kept_boxes, kept_scores, kept_labels, all_boxes, all_scores, all_
 def weighted_box_fusion(boxes, scores, labels, num_views: int, iou_thresh: float = 0.55):
     """Weighted box fusion (Solovyev et al. 2021) over the union of all views' boxes.
 
-    Boxes are visited by descending score; each joins the first cluster of its class whose fused
-    box overlaps it by more than iou_thresh, otherwise it starts a cluster. A cluster's box is the
-    score-weighted mean of its members; its score the mean member score times
+    Boxes are visited by descending score; each joins the cluster of its class whose fused box
+    overlaps it most, if by more than iou_thresh, otherwise it starts a cluster. A cluster's box is
+    the score-weighted mean of its members; its score the mean member score times
     min(members, num_views) / num_views, so boxes few views agree on are down-weighted.
+
+    The visit order makes this a sequential loop; it runs on NumPy arrays preallocated per class
+    (a loop of tiny PyTorch calls costs several times more per step), then returns tensors on
+    the input's device.
     """
-    order = scores.argsort(descending=True)
-    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    device, dtype = boxes.device, boxes.dtype
+    b_all = boxes.detach().double().cpu().numpy()
+    s_all = scores.detach().double().cpu().numpy()
+    l_all = labels.detach().cpu().numpy()
     out_b, out_s, out_l = [], [], []
-    for c in labels.unique():
-        m = labels == c
-        b, s = boxes[m], scores[m]
-        fused_b: list[torch.Tensor] = []
-        sums_w: list[torch.Tensor] = []
-        sums_b: list[torch.Tensor] = []
-        members: list[list[int]] = []
+    for c in np.unique(l_all):
+        idx = np.flatnonzero(l_all == c)
+        idx = idx[np.argsort(-s_all[idx], kind="stable")]
+        b, s = b_all[idx], s_all[idx]
+        fused = np.empty_like(b)                    # fused box of each cluster so far
+        area = np.empty(len(b))
+        sum_wb = np.empty_like(b)
+        sum_w = np.empty(len(b))
+        count = np.zeros(len(b), dtype=np.int64)
+        k = 0
         for i in range(len(b)):
+            bi = b[i]
             j = -1
-            if fused_b:
-                ious = box_iou(b[i:i + 1], torch.stack(fused_b))[0]
-                best = int(ious.argmax())
-                if ious[best] > iou_thresh:
+            if k:
+                f = fused[:k]
+                iw = np.minimum(f[:, 2], bi[2]) - np.maximum(f[:, 0], bi[0])
+                ih = np.minimum(f[:, 3], bi[3]) - np.maximum(f[:, 1], bi[1])
+                inter = np.maximum(iw, 0) * np.maximum(ih, 0)
+                iou = inter / (area[:k] + (bi[2] - bi[0]) * (bi[3] - bi[1]) - inter)
+                best = int(iou.argmax())
+                if iou[best] > iou_thresh:
                     j = best
             if j < 0:
-                fused_b.append(b[i].clone())
-                sums_w.append(s[i].clone())
-                sums_b.append(b[i] * s[i])
-                members.append([i])
-            else:
-                sums_w[j] = sums_w[j] + s[i]
-                sums_b[j] = sums_b[j] + b[i] * s[i]
-                members[j].append(i)
-                fused_b[j] = sums_b[j] / sums_w[j]
-        for j, mem in enumerate(members):
-            ms = s[mem]
-            out_b.append(fused_b[j])
-            out_s.append(ms.mean() * min(len(mem), num_views) / num_views)
-            out_l.append(c)
+                j, k = k, k + 1
+                sum_wb[j], sum_w[j], count[j] = 0.0, 0.0, 0
+            sum_wb[j] += bi * s[i]
+            sum_w[j] += s[i]
+            count[j] += 1
+            fused[j] = sum_wb[j] / sum_w[j]
+            area[j] = (fused[j, 2] - fused[j, 0]) * (fused[j, 3] - fused[j, 1])
+        out_b.append(fused[:k])
+        out_s.append(sum_w[:k] / count[:k] * np.minimum(count[:k], num_views) / num_views)
+        out_l.append(np.full(k, c))
     if not out_b:
         return boxes[:0], scores[:0], labels[:0]
-    return torch.stack(out_b), torch.stack(out_s), torch.stack(out_l)
+    return (torch.as_tensor(np.concatenate(out_b), dtype=dtype, device=device),
+            torch.as_tensor(np.concatenate(out_s), dtype=scores.dtype, device=device),
+            torch.as_tensor(np.concatenate(out_l), dtype=labels.dtype, device=device))
 
 
 def ensemble_boxes(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, num_views: int = 1,
@@ -147,15 +175,47 @@ def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp_min_(1e-12)
 
 
+def _padded_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                 iou_thresh: float) -> torch.Tensor | None:
+    """Greedy NMS inside every group at once, without a kernel launch per group.
+
+    1. sort each group by descending score and pad it into a [G, M, 4] batch;
+    2. over[g, j, i]: box j ranks above box i and overlaps it by more than iou_thresh;
+    3. iterate keep[i] = not any(keep[j] and over[j, i]) to its fixed point. Entry i depends only
+       on entries ranked above it, so the fixed point is unique and equals greedy NMS; iteration t
+       has the first t ranks right, and real suppression chains are a few boxes long.
+    Returns kept indices by descending score, or None when the padded [G, M, M] batch would be
+    too large (then the caller uses torchvision's per-group NMS).
+    """
+    by_score = scores.argsort(descending=True, stable=True)
+    order = by_score[groups[by_score].argsort(stable=True)]
+    counts = torch.bincount(groups, minlength=num_groups)
+    width = int(counts.max()) if len(groups) else 0
+    if num_groups * width * width > 2 ** 26:
+        return None
+    (gb,), mask, pos = _pad_groups(groups[order], num_groups, boxes[order])
+    above = torch.ones(width, width, dtype=torch.bool, device=boxes.device).triu_(1)
+    over = (_batched_iou(gb, gb) > iou_thresh) & above & mask[:, :, None]
+    keep = mask
+    for _ in range(width):
+        suppressed = (over & keep[:, :, None]).any(1)
+        new = mask & ~suppressed
+        if torch.equal(new, keep):
+            break
+        keep = new
+    kept = order[keep[groups[order], pos]]
+    return kept[scores[kept].argsort(descending=True, stable=True)]
+
+
 def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], labels: list[torch.Tensor], *,
                          num_views: int = 1, method: str = "nms_vote", score_thresh: float = 0.05,
                          nms_thresh: float = 0.5, vote_thresh: float = 0.8, vote_scoring: str = "id",
                          wbf_thresh: float = 0.55, detections_per_img: int = 100, padded: bool | None = None):
     """`ensemble_boxes` for many images at once, with the same results.
 
-    padded=True does it in a handful of tensor ops: one NMS call over every (image, class)
-    group, box voting as one padded batched IoU. That wins on a GPU, where per-image kernel
-    launches dominate; on the CPU the padding costs more than it saves (benchmarks/
+    padded=True does it in a handful of tensor ops over every (image, class) group at once:
+    NMS as a fixed point over a padded batch of IoU matrices (_padded_nms), box voting as one
+    padded batched IoU. That is meant for a GPU, where per-image kernel launches dominate; on the CPU the padding costs more than it saves (benchmarks/
     ensemble_throughput.py), so the default (None) pads on CUDA only. WBF, being sequential,
     always goes one image at a time."""
     _check_choice(method, BOX_METHODS, "box ensembling method")
@@ -175,7 +235,9 @@ def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], 
     B, S, L, img = B[keep], S[keep], L[keep], img[keep]
     n_lab = int(L.max()) + 1 if len(L) else 1
     key = img * n_lab + L
-    k = batched_nms(B, S, key, nms_thresh)
+    k = _padded_nms(B, S, key, n * n_lab, nms_thresh)
+    if k is None:
+        k = batched_nms(B, S, key, nms_thresh)
     kb, ks, kl, kimg, kkey = B[k], S[k], L[k], img[k], key[k]
     if method == "nms_vote" and len(k):
         # group every union box and every kept box by (image, class); vote inside each group
@@ -212,12 +274,30 @@ def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], 
     return list(zip(kb[order].split(sizes), ks[order].split(sizes), kl[order].split(sizes)))
 
 
+def size_dependent_views(boxes: torch.Tensor, view_scales: list[int], base_scale: int,
+                         area_thresh: float = 150.0 ** 2) -> torch.Tensor:
+    """Detectron's keypoint scale-size dependence: which views may vote on which box.
+
+    Small boxes (area < area_thresh, original pixels) ignore the down-scaled views (scale below
+    base_scale, the model's own test size), large boxes the up-scaled ones: a small object shrunk
+    further, or a large one blown past the receptive field, gives the worst heatmaps. Returns a
+    (V, N) bool mask; a box that would be left with no view keeps them all.
+    """
+    scales = torch.as_tensor(view_scales, device=boxes.device)
+    area = (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+    small = area < area_thresh
+    down, up = (scales < base_scale)[:, None], (scales > base_scale)[:, None]
+    keep = ~((small[None, :] & down) | (~small[None, :] & up))
+    return keep | ~keep.any(0, keepdim=True)
+
+
 def ensemble_heatmaps(heatmaps: list[torch.Tensor], flipped: list[bool], flip_inds: list[int] | None,
-                      method: str = "mean") -> torch.Tensor:
+                      method: str = "mean", keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-view keypoint logits on the same boxes -> one heatmap per box and keypoint.
 
     heatmaps[v] is (N, K, H, W), computed by view v on the ensembled boxes mapped into that view.
-    Flipped views are mirrored back with left/right channels swapped before merging.
+    Flipped views are mirrored back with left/right channels swapped before merging. keep, a
+    (V, N) bool mask (see size_dependent_views), limits which views merge into which box.
     """
     _check_choice(method, HEATMAP_METHODS, "heatmap ensembling method")
     if not heatmaps:
@@ -229,8 +309,16 @@ def ensemble_heatmaps(heatmaps: list[torch.Tensor], flipped: list[bool], flip_in
                 raise ValueError("a flipped view needs the keypoint flip map")
             h = flip_heatmaps(h, flip_inds)
         aligned.append(h.float())
-    stack = torch.stack(aligned)
-    return stack.mean(0) if method == "mean" else stack.amax(0)
+    stack = torch.stack(aligned)                                               # (V, N, K, H, W)
+    if keep is None:
+        return stack.mean(0) if method == "mean" else stack.amax(0)
+    if keep.shape != stack.shape[:2]:
+        raise ValueError(f"keep mask of shape {tuple(keep.shape)} does not match {len(aligned)} views x "
+                         f"{stack.shape[1]} boxes")
+    m = keep.to(stack.dtype)[:, :, None, None, None]
+    if method == "mean":
+        return (stack * m).sum(0) / m.sum(0).clamp_min(1)
+    return stack.masked_fill(m == 0, float("-inf")).amax(0)
 
 
 def decode_heatmaps(heatmaps: torch.Tensor, boxes: torch.Tensor):

@@ -68,9 +68,15 @@ def _build_fasterrcnn_r18(num_classes, num_keypoints, **kw):
     return FasterRCNN(_resnet18_fpn(), num_classes=num_classes, rpn_anchor_generator=_fpn_anchors(), **kw)
 
 
+# A 96 px image holds a handful of objects: 64 sampled RoIs per image (torchvision's default is
+# 512, sized for COCO) lose nothing there (same AP on the synthetic benchmark data) and make a
+# CPU training step 4x faster, most of it RoIAlign's backward pass. 300 proposals at test time.
+_TINY_HEADS = dict(box_batch_size_per_image=64, rpn_post_nms_top_n_train=500, rpn_post_nms_top_n_test=300)
+
+
 def _build_fasterrcnn_tiny(num_classes, num_keypoints, **kw):
     return FasterRCNN(_TinyBackbone(), num_classes=num_classes, rpn_anchor_generator=_tiny_anchors(),
-                      box_roi_pool=_roi_pool(7), representation_size=256, **kw)
+                      box_roi_pool=_roi_pool(7), representation_size=256, **{**_TINY_HEADS, **kw})
 
 
 def _build_keypointrcnn_r50(num_classes, num_keypoints, **kw):
@@ -89,7 +95,7 @@ def _build_keypointrcnn_tiny(num_classes, num_keypoints, **kw):
                         rpn_anchor_generator=_tiny_anchors(), box_roi_pool=_roi_pool(7),
                         keypoint_roi_pool=_roi_pool(14), keypoint_head=KeypointRCNNHeads(48, (64, 64)),
                         keypoint_predictor=KeypointRCNNPredictor(64, num_keypoints),
-                        representation_size=256, **kw)
+                        representation_size=256, **{**_TINY_HEADS, **kw})
 
 
 ARCHITECTURES: dict[str, Arch] = {a.name: a for a in [

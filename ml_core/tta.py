@@ -30,6 +30,9 @@ class EnsembleOptions:
     wbf_thresh: float = 0.55
     detections_per_img: int = 100
     heatmap_method: str = "mean"
+    # Detectron's optional scale-size dependence of keypoint views (ensemble.size_dependent_views)
+    keypoint_size_dependence: bool = False
+    keypoint_area_thresh: float = 150.0 ** 2
 
     def __post_init__(self):
         ensemble._check_choice(self.method, ensemble.BOX_METHODS, "box ensembling method")
@@ -39,6 +42,8 @@ class EnsembleOptions:
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        if not self.keypoint_area_thresh > 0:
+            raise ValueError(f"keypoint_area_thresh must be positive, got {self.keypoint_area_thresh}")
 
     def box_kwargs(self) -> dict:
         return dict(method=self.method, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
@@ -113,6 +118,8 @@ class MultiTransformPredictor:
             raise ValueError("flipped views of a keypoint model need the keypoint flip map "
                              "(declare flip_map, or run without flips)")
         self.flip_inds = flip_inds
+        # the model's own test size: views above it are up-scaled, below it down-scaled
+        self.base_scale = int(model.transform.min_size[-1])
 
     def _autocast(self):
         if self.amp:
@@ -177,6 +184,7 @@ class MultiTransformPredictor:
         """Keypoint head of every view on the fixed ensembled boxes; heatmaps merged, then decoded."""
         heat: list[list[torch.Tensor]] = [[] for _ in results]
         flips: list[list[bool]] = [[] for _ in results]
+        scales: list[int] = []
         for views, feats, image_sizes in per_scale:
             boxes = []
             for j, v in enumerate(views):
@@ -185,8 +193,13 @@ class MultiTransformPredictor:
             for j, logits in enumerate(self._keypoint_logits(feats, image_sizes, boxes)):
                 heat[j % n].append(logits)
                 flips[j % n].append(views[j].flip)
+            scales += [v.scale for v in views[::n]]
+        o = self.options
         for i, r in enumerate(results):
-            maps = ensemble.ensemble_heatmaps(heat[i], flips[i], self.flip_inds, self.options.heatmap_method)
+            keep = None
+            if o.keypoint_size_dependence:
+                keep = ensemble.size_dependent_views(r.ensembled.boxes, scales, self.base_scale, o.keypoint_area_thresh)
+            maps = ensemble.ensemble_heatmaps(heat[i], flips[i], self.flip_inds, o.heatmap_method, keep)
             kps, _ = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
             r.ensembled.keypoints = kps
 

@@ -81,3 +81,42 @@ def test_batched_ensembling_equals_one_image_at_a_time(method, scoring):
     for (bb, bs, bl), b, s, lab in zip(batched, boxes, scores, labels):
         eb, es, el = ensemble_boxes(b, s, lab, num_views=2, method=method, vote_scoring=scoring, detections_per_img=30)
         assert torch.allclose(bb, eb, atol=1e-4) and torch.allclose(bs, es, atol=1e-6) and torch.equal(bl, el)
+
+
+def test_size_dependence_drops_down_scaled_views_for_small_boxes_and_up_scaled_for_large():
+    from ml_core.ensemble import size_dependent_views
+    boxes = T([[0, 0, 10, 10], [0, 0, 200, 200]])                   # areas 100 and 40,000
+    keep = size_dependent_views(boxes, [400, 400, 800, 800, 1200], base_scale=800, area_thresh=150 ** 2)
+    assert keep[:, 0].tolist() == [False, False, True, True, True]  # small: no down-scaled views
+    assert keep[:, 1].tolist() == [True, True, True, True, False]   # large: no up-scaled views
+    only_down = size_dependent_views(boxes[:1], [400, 600], base_scale=800)
+    assert only_down[:, 0].tolist() == [True, True]                 # never left without a view
+
+
+def test_heatmaps_merge_only_the_views_a_box_keeps():
+    from ml_core.ensemble import ensemble_heatmaps
+    a, b = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2) * 4
+    keep = torch.tensor([[True, True], [False, True]])             # box 0 drops view 1
+    mean = ensemble_heatmaps([a, b], [False, False], None, "mean", keep)
+    assert mean[0].unique().tolist() == [0.0] and mean[1].unique().tolist() == [2.0]
+    top = ensemble_heatmaps([b, a], [False, False], None, "max", keep.flip(0))
+    assert top[0].unique().tolist() == [0.0] and top[1].unique().tolist() == [4.0]
+    with pytest.raises(ValueError, match="does not match"):
+        ensemble_heatmaps([a, b], [False, False], None, "mean", keep[:, :1])
+
+
+def test_padded_nms_equals_greedy_nms_on_a_long_suppression_chain():
+    """Each box overlaps its neighbours (IoU 0.54) but not the next-but-one (0.25): greedy NMS
+    keeps every other box, which the fixed-point iteration must reproduce link by link."""
+    from torchvision.ops import batched_nms
+
+    from ml_core.ensemble import _padded_nms
+    n = 30
+    x = torch.arange(n, dtype=torch.float32) * 3
+    boxes = torch.stack([x, torch.zeros(n), x + 10, torch.full((n,), 10.0)], 1)
+    boxes = torch.cat([boxes, boxes + 100])                       # a second group, scores reversed
+    scores = torch.cat([torch.linspace(1, 0.1, n), torch.linspace(0.1, 1, n)])
+    groups = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    ours = _padded_nms(boxes, scores, groups, 2, 0.5)
+    assert ours.tolist() == batched_nms(boxes, scores, groups, 0.5).tolist()
+    assert len(ours) == 30

@@ -67,3 +67,28 @@ def test_bad_ensemble_option():
         EnsembleOptions(vote_thresh=2)
     with pytest.raises(ValueError, match="unknown ensembling option"):
         EnsembleOptions.from_dict({"nope": 1})
+
+
+def test_keypoint_size_dependence_changes_only_what_the_rule_says():
+    """Every box here is small (area < 150^2), so with the rule on the down-scaled views (48 < the
+    model's 64) must not count: the result equals a run over the other views alone."""
+    torch.manual_seed(0)
+    m, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=64, max_size=96)
+    m.roi_heads.score_thresh = 0.0
+    x = torch.rand(3, 64, 64)
+    opts = EnsembleOptions(score_thresh=0.0, keypoint_size_dependence=True)
+    dep = MultiTransformPredictor(m, TransformSet([48, 64, 80], flip=False), options=opts).predict([x])[0]
+    plain = MultiTransformPredictor(m, TransformSet([48, 64, 80], flip=False),
+                                    options=EnsembleOptions(score_thresh=0.0)).predict([x])[0]
+    assert len(dep.ensembled.boxes) > 0 and torch.equal(dep.ensembled.boxes, plain.ensembled.boxes)
+    # the same boxes, heatmaps of views 64 and 80 only
+    p = MultiTransformPredictor(m, TransformSet([48, 64, 80], flip=False), options=EnsembleOptions(score_thresh=0.0))
+    from ml_core import ensemble
+    original = ensemble.ensemble_heatmaps
+    ensemble.ensemble_heatmaps = lambda h, f, inds, method, keep=None: original(h[1:], f[1:], inds, method)
+    try:
+        upper = p.predict([x])[0]
+    finally:
+        ensemble.ensemble_heatmaps = original
+    assert torch.allclose(dep.ensembled.keypoints, upper.ensembled.keypoints)
+    assert not torch.allclose(dep.ensembled.keypoints, plain.ensembled.keypoints)
