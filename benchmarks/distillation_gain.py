@@ -64,9 +64,14 @@ def main():
                                          min_size=p["size"]))
         key = "keypoints" if task == "keypoints" else "bbox"
         table = {k: v[key] for k, v in r["results"].items()}
-        report["tasks"][task] = {"metric": key, "ap": table, "thresholds": r["thresholds"], "minutes": round((time.time() - t) / 60, 1)}
+        quality = r["pseudo_label_quality"]
+        report["tasks"][task] = {"metric": key, "ap": table, "thresholds": r["thresholds"],
+                                 "pseudo_label_quality": quality, "minutes": round((time.time() - t) / 60, 1)}
         print(f"\n{task}: {key} AP on {r['val_images']} validation images ({args.preset} preset, {report['device']})")
         print(format_table(table))
+        print("pseudo-labels against the unlabeled split's truth (precision/recall at IoU 0.5, AP of the kept set):")
+        print(format_table(quality, keys=tuple(k for k in ("precision", "recall", "bbox_AP", "keypoints_AP")
+                                               if k in next(iter(quality.values())))))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {out / 'report.json'}")
 

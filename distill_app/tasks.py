@@ -13,6 +13,7 @@ from pathlib import Path
 from celery import chord
 from django.conf import settings
 from django.db import OperationalError, transaction
+from django.utils import timezone
 
 from ml_core import pipeline
 from ml_core.engine import TrainConfig
@@ -149,7 +150,16 @@ def launch_inference(run: InferenceRun):
     if not todo:
         finalize.apply_async()
         return
-    chord([infer_chunk.si(run.pk, c) for c in todo])(finalize)
+    chord([infer_chunk.si(run.pk, c) for c in todo])(finalize.on_error(job_failed.s(run.job_id)))
+
+
+@app.task
+def job_failed(request, exc, traceback, job_id: int):
+    """Errback of a chord: a part that failed outside its job wrapper (its row gone, the database
+    unreachable after every retry) fails the job now instead of at the staleness check."""
+    from .jobs import friendly_error
+    Job.objects.filter(pk=job_id).exclude(state__in=Job.FINAL).update(
+        state=Job.FAILED, error=f"a part of this job failed: {friendly_error(exc)}"[:5000], finished=timezone.now())
 
 
 @functools.lru_cache(maxsize=1)

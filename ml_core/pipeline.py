@@ -162,6 +162,43 @@ def pseudo_label_doc(unlabeled: dict, predictions: dict[int, list[dict]], thresh
     return {"images": images, "annotations": anns, "categories": categories}
 
 
+def _xyxy(b: list[float]) -> list[float]:
+    return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+
+
+def pseudo_label_quality(pseudo: dict, truth: dict, sigmas: list[float] | None = None) -> dict:
+    """How good a pseudo-label set is, measured against the true labels of the same images.
+
+    Precision and recall of its boxes at IoU 0.5 (same class), and COCO AP of the kept instances
+    as if they were detections (bbox, and OKS keypoints where the truth has keypoints): the
+    'why' behind a student's AP, available when the unlabeled split's truth is known (synthetic
+    data, or a labeled set held out as unlabeled).
+    """
+    truth_by_image: dict[int, list[dict]] = {}
+    for a in truth["annotations"]:
+        truth_by_image.setdefault(a["image_id"], []).append(a)
+    pseudo_by_image: dict[int, list[dict]] = {}
+    for a in pseudo["annotations"]:
+        pseudo_by_image.setdefault(a["image_id"], []).append(a)
+    tp = 0
+    for image_id, items in pseudo_by_image.items():
+        items = sorted(items, key=lambda a: -a.get("score", 1.0))
+        gt = truth_by_image.get(image_id, [])
+        tp += int(selection.match_predictions([_xyxy(a["bbox"]) for a in items], [a.get("score", 1.0) for a in items],
+                                              [a["category_id"] for a in items], [_xyxy(a["bbox"]) for a in gt],
+                                              [a["category_id"] for a in gt]).sum())
+    kept, total = len(pseudo["annotations"]), len(truth["annotations"])
+    out = {"instances": kept, "precision": round(100 * tp / kept, 2) if kept else 0.0,
+           "recall": round(100 * tp / total, 2) if total else 0.0}
+    kinds = ["bbox"] + (["keypoints"] if any("keypoints" in a for a in truth["annotations"]) else [])
+    for kind in kinds:
+        ev = COCOEvaluator(truth, kind, sigmas)
+        for image_id, items in pseudo_by_image.items():
+            ev.process(image_id, [{**a, "score": a.get("score", 1.0)} for a in items])
+        out[f"{kind}_AP"] = ev.evaluate()["AP"]
+    return out
+
+
 def annotated_per_image(labeled: CocoData) -> float:
     return len(labeled.annotations) / max(1, len(labeled.images))
 
@@ -288,6 +325,7 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
 
     students = {"student (ensembled)": ("pseudo_ensembled.json", str(out / "student.pt"))}
     thresholds = {"ensembled": t}
+    quality = {}
     if o.baselines:
         model, meta = load_model(teacher, device)
         single = predict_single_view(model, meta, paths, device=device, progress=progress_for("infer x1 view"))
@@ -300,6 +338,10 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
             gt = json.loads((d / "unlabeled_gt.json").read_text())
             write_json(out / "pseudo_oracle.json", gt)
             students["student (oracle labels)"] = ("pseudo_oracle.json", str(out / "student_oracle.pt"))
+            schema = labeled.keypoint_schema()
+            for name, file in (("single view", "pseudo_single.json"), ("ensembled", "pseudo_ensembled.json")):
+                quality[name] = pseudo_label_quality(json.loads((out / file).read_text()), gt,
+                                                     schema.sigmas if schema else None)
     for name, (pseudo, ckpt) in students.items():
         train(str(d / "labeled.json"), str(d / "labeled"), ckpt, config=o.student_config,
               pseudo_json=str(out / pseudo), pseudo_root=str(d / "unlabeled"), teacher=teacher, init=o.init,
@@ -311,6 +353,6 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     report = {"arch": o.arch, "device": device, "transforms": o.transforms.to_dict(), "threshold": t,
               "thresholds": thresholds, "target_per_image": target, "val_images": len(load_coco(d / "val.json").images),
               "teacher_config": o.teacher_config.to_dict(), "student_config": o.student_config.to_dict(),
-              "student_init": o.init, "results": results}
+              "student_init": o.init, "results": results, "pseudo_label_quality": quality}
     report["report_path"] = write_json(out / "report.json", report)
     return report

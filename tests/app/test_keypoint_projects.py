@@ -26,14 +26,23 @@ def test_keypoint_workflow(as_alice, synth_kp):
     evals = as_alice.get(f"/api/evaluations/?checkpoint={run['checkpoint']}").json()["results"]
     assert set(evals[0]["stats"]) == {"bbox", "keypoints"}
     r = as_alice.post("/api/inference-runs/", {"project": ids["project"], "checkpoint": run["checkpoint"], "dataset": ids["unlabeled"],
-                                               "transforms": {"scales": [48, 64], "flip": True, "max_size": 200}}, format="json")
+                                               "transforms": {"scales": [48, 64], "flip": True, "max_size": 200},
+                                               "options": {"keypoint_size_dependence": True}}, format="json")
     inf = as_alice.get(f"/api/inference-runs/{r.json()['id']}/").json()
     assert inf["job"]["state"] == "succeeded", inf["job"]["error"]
+    assert inf["options"]["keypoint_size_dependence"] is True and inf["options"]["keypoint_area_thresh"] == 22500
     pred = as_alice.get(f"/api/inference-runs/{inf['id']}/predictions/").json()["results"][0]
     assert len(pred["ensembled"][0]["keypoints"]) == 27 and len(pred["views"]["s48-flip"][0]["keypoints"]) == 27
     pls = as_alice.post("/api/pseudo-label-sets/", {"run": inf["id"], "thresholds": 0.0}, format="json").json()
     doc = json.loads(b"".join(as_alice.get(f"/api/pseudo-label-sets/{pls['id']}/export/").streaming_content))
     assert doc["annotations"] and all(len(a["keypoints"]) == 27 for a in doc["annotations"])
+
+
+def test_bad_keypoint_area_is_a_clear_error(as_alice, det_project, teacher):
+    r = as_alice.post("/api/inference-runs/", {"project": det_project["project"], "checkpoint": teacher["checkpoint"],
+                                               "dataset": det_project["unlabeled"],
+                                               "options": {"keypoint_area_thresh": 0}}, format="json")
+    assert r.status_code == 400 and "keypoint_area_thresh must be positive" in r.json()["message"]
 
 
 def test_keypoint_project_refuses_detection_data(as_alice, synth_kp):

@@ -80,3 +80,17 @@ def test_a_worker_process_killed_mid_training_is_retried_and_resumes(celery_work
     history = TrainingRun.objects.get(pk=run_id).history
     iterations = [h["iteration"] for h in history]
     assert iterations[-1] == 80 and iterations == sorted(iterations)  # resumed from a checkpoint, not restarted
+
+
+def test_a_chord_part_failing_outside_its_job_fails_the_job_at_once(celery_worker_process, alice):
+    """The chord's errback, not the 15-minute staleness check, ends the job."""
+    from celery import chord
+
+    from distill_app.models import Job
+    from distill_app.tasks import finalize_inference, infer_chunk, job_failed
+    job = Job.objects.create(owner=alice, kind="infer", state=Job.RUNNING)
+    missing_run = 10 ** 9  # infer_chunk fails before it reaches any job wrapper
+    chord([infer_chunk.si(missing_run, 0)])(finalize_inference.si(missing_run).on_error(job_failed.s(job.pk)))
+    failed = wait_for(lambda: Job.objects.get(pk=job.pk).state == "failed" and Job.objects.get(pk=job.pk),
+                      timeout=60, what="the errback")
+    assert "DoesNotExist" in failed.error and failed.finished is not None
