@@ -11,7 +11,7 @@ Presets:
        batch 4 for the teacher and for every student (same compute for all), about 10 minutes
        for detection and 13 for keypoints on two cores; one seed on 60 validation images is noisy
   gpu: ResNet-50 FPN models, 512 px images, 500 labeled / 4000 unlabeled / 500 val
-Run: python benchmarks/distillation_gain.py --preset cpu [--tasks detection,keypoints]
+Run: python benchmarks/distillation_gain.py --preset cpu [--tasks detection,keypoints] [--seeds 0,1,2]
 """
 from __future__ import annotations
 
@@ -38,37 +38,57 @@ PRESETS = {
 }
 
 
+def run_task(task: str, p: dict, out: Path, seed: int) -> dict:
+    data = out / f"data_{task}"
+    generate(data, SynthConfig(kind=task, image_size=p["size"], labeled=p["labeled"], unlabeled=p["unlabeled"],
+                               val=p["val"], seed=seed))
+    teacher_cfg = TrainConfig(iterations=p["iterations"], batch_size=p["batch"], lr=0.02, warmup_iters=50,
+                              num_workers=2, seed=seed, checkpoint_every=0)
+    student_cfg = TrainConfig(iterations=p["student"], batch_size=p["batch"], lr=0.02, warmup_iters=50, ratio="6:4",
+                              num_workers=2, seed=seed, checkpoint_every=0)
+    t = time.time()
+    r = run_pipeline(PipelineOptions(data=str(data), out=str(out / f"run_{task}"), arch=p["arch"][task],
+                                     transforms=TransformSet(p["scales"], flip=True), teacher_config=teacher_cfg,
+                                     student_config=student_cfg, threshold="auto", baselines=True,
+                                     min_size=p["size"]))
+    key = "keypoints" if task == "keypoints" else "bbox"
+    return {"metric": key, "ap": {k: v[key] for k, v in r["results"].items()}, "thresholds": r["thresholds"],
+            "pseudo_label_quality": r["pseudo_label_quality"], "val_images": r["val_images"],
+            "minutes": round((time.time() - t) / 60, 1)}
+
+
+def mean_table(runs: list[dict], field: str) -> dict:
+    rows = runs[0][field]
+    return {name: {k: round(sum(r[field][name][k] for r in runs) / len(runs), 2) for k in rows[name]} for name in rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tasks", default="detection,keypoints")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "distillation_gain"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated; each seed generates its own data and "
+                                                 "initialisation, and the tables show the mean")
     args = ap.parse_args()
     p = PRESETS[args.preset]
+    seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) / args.preset
     report = {"preset": args.preset, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "tasks": {}}
+              "seeds": seeds, "tasks": {}}
     for task in args.tasks.split(","):
-        data = out / f"data_{task}"
-        generate(data, SynthConfig(kind=task, image_size=p["size"], labeled=p["labeled"], unlabeled=p["unlabeled"],
-                                   val=p["val"], seed=args.seed))
-        teacher_cfg = TrainConfig(iterations=p["iterations"], batch_size=p["batch"], lr=0.02, warmup_iters=50,
-                                  num_workers=2, seed=args.seed, checkpoint_every=0)
-        student_cfg = TrainConfig(iterations=p["student"], batch_size=p["batch"], lr=0.02, warmup_iters=50, ratio="6:4",
-                                  num_workers=2, seed=args.seed, checkpoint_every=0)
-        t = time.time()
-        r = run_pipeline(PipelineOptions(data=str(data), out=str(out / f"run_{task}"), arch=p["arch"][task],
-                                         transforms=TransformSet(p["scales"], flip=True), teacher_config=teacher_cfg,
-                                         student_config=student_cfg, threshold="auto", baselines=True,
-                                         min_size=p["size"]))
-        key = "keypoints" if task == "keypoints" else "bbox"
-        table = {k: v[key] for k, v in r["results"].items()}
-        quality = r["pseudo_label_quality"]
-        report["tasks"][task] = {"metric": key, "ap": table, "thresholds": r["thresholds"],
-                                 "pseudo_label_quality": quality, "minutes": round((time.time() - t) / 60, 1)}
-        print(f"\n{task}: {key} AP on {r['val_images']} validation images ({args.preset} preset, {report['device']})")
+        runs = [run_task(task, p, out / f"seed{seed}", seed) for seed in seeds]
+        key = runs[0]["metric"]
+        table, quality = mean_table(runs, "ap"), mean_table(runs, "pseudo_label_quality")
+        report["tasks"][task] = {"metric": key, "ap": table, "pseudo_label_quality": quality,
+                                 "per_seed": dict(zip(map(str, seeds), runs)),
+                                 "minutes": round(sum(r["minutes"] for r in runs), 1)}
+        mean = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+        print(f"\n{task}: {key} AP on {runs[0]['val_images']} validation images ({args.preset} preset, "
+              f"{report['device']}, {mean})")
         print(format_table(table))
+        if len(seeds) > 1:
+            for name in table:
+                print(f"  {name}: " + ", ".join(f"{r['ap'][name]['AP']:.2f}" for r in runs))
         print("pseudo-labels against the unlabeled split's truth (precision/recall at IoU 0.5, AP of the kept set):")
         print(format_table(quality, keys=tuple(k for k in ("precision", "recall", "bbox_AP", "keypoints_AP")
                                                if k in next(iter(quality.values())))))

@@ -76,3 +76,19 @@ def test_retry_runs_only_missing_chunks(as_alice, finished_run, monkeypatch):
     assert calls == [1]
     assert as_alice.get(f"/api/inference-runs/{run.pk}/").json()["job"]["state"] == "succeeded"
     assert Prediction.objects.filter(run=run).count() == 10
+
+
+def test_validation_ap_per_view_comes_from_pycocotools(as_alice, finished_run):
+    """A view made equal to the truth scores AP 100, an empty one 0; the API shows the ensemble
+    beside every view."""
+    from distill_app import threshold_stats
+    from distill_app.models import Annotation, InferenceRun
+    run = InferenceRun.objects.get(pk=finished_run["id"])
+    stats = as_alice.get(f"/api/inference-runs/{run.pk}/threshold-stats/").json()
+    assert set(stats["validation"]["ap"]["bbox"]) == {"ensembled", *run.view_names}
+    for p in Prediction.objects.filter(run=run, validation=True):
+        truth = [{"bbox": a.bbox, "score": 1.0, "category_id": a.category_id} for a in Annotation.objects.filter(image=p.image)]
+        p.views = {**p.views, "s48": truth, "s64": []}
+        p.save()
+    ap = threshold_stats.view_ap(run)["bbox"]
+    assert ap["s48"]["AP"] == pytest.approx(100.0) and ap["s64"]["AP"] == 0.0

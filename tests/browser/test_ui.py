@@ -72,6 +72,15 @@ def test_compare_view_shows_one_panel_per_view(page, live_server, ready_run):
     assert "agreement" in page.inner_text("#detail-agreement")
 
 
+def test_validation_ap_of_the_ensemble_and_of_every_view_is_shown(page, live_server, ready_run, as_alice):
+    page.goto(f"{live_server.url}/runs/{ready_run['run']}/review/")
+    page.wait_for_selector("#view-ap-table")
+    rows = page.eval_on_selector_all("#view-ap-table tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))")
+    ap = as_alice.get(f"/api/inference-runs/{ready_run['run']}/threshold-stats/").json()["validation"]["ap"]["bbox"]
+    assert [r[0] for r in rows] == ["ensembled", "view s48", "view s48-flip", "view s64", "view s64-flip"]
+    assert [float(r[1]) for r in rows] == [round(ap[n]["AP"], 1) for n in ("ensembled", "s48", "s48-flip", "s64", "s64-flip")]
+
+
 def open_review_all_boxes(page, live_server, run):
     """The review screen at threshold 0, in upload order, with all 12 tiles drawn."""
     page.goto(f"{live_server.url}/runs/{run}/review/")

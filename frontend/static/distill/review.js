@@ -121,9 +121,27 @@
         options: {animation: false, responsive: true, maintainAspectRatio: false, parsing: false,
           plugins: {title: {display: true, text: `validation (${v.images} images, IoU 0.5)`}, legend: {labels: {boxWidth: 10}}},
           scales: {x: {type: "linear", min: 0, max: 1, title: {display: true, text: "threshold"}}, y: {min: 0, max: 100}}}});
+      if (v.ap) viewApTable(v.ap, v.images);
     } else {
       $("pr").replaceWith(h("p", {class: "muted"}, "Add a validation set to the inference run to see precision and recall here."));
     }
+  }
+
+  // COCO AP on the validation images: the ensemble against every single view alone
+  function viewApTable(ap, images) {
+    const kinds = Object.keys(ap), names = Object.keys(ap[kinds[0]]);
+    const best = Math.max(...names.filter((n) => n !== "ensembled").map((n) => ap[kinds[kinds.length - 1]][n].AP));
+    const cols = kinds.flatMap((k) => [[k, "AP"], [k, "AP50"]]);
+    const head = h("tr", {}, h("th", {}, "predictions"), ...cols.map(([k, m]) => h("th", {}, `${k === "bbox" ? "box" : "keypoint"} ${m}`)));
+    const rows = names.map((n) => h("tr", {class: n === "ensembled" ? "ensembled" : ""},
+      h("td", {}, n === "ensembled" ? "ensembled" : `view ${n}`),
+      ...cols.map(([k, m]) => h("td", {}, ap[k][n][m] < 0 ? "–" : ap[k][n][m].toFixed(1)))));
+    const sec = $("view-ap");
+    const gain = ap[kinds[kinds.length - 1]].ensembled.AP - best;
+    sec.append(h("h3", {}, `COCO AP on validation (${images} images)`),
+      h("p", {class: "muted small"}, `ensembling ${gain >= 0 ? "adds" : "loses"} ${Math.abs(gain).toFixed(1)} AP over the best single view`),
+      h("table", {class: "list small", id: "view-ap-table"}, h("thead", {}, head), h("tbody", {}, ...rows)));
+    sec.hidden = false;
   }
 
   /* ---- grid: virtual scrolling over all images, pages fetched on demand ---- */
