@@ -175,8 +175,20 @@ def cmd_select(args):
 def cmd_evaluate(args):
     from . import pipeline
     from .evaluation import format_table
-    stats = pipeline.evaluate(args.checkpoint, args.val, args.images or str(Path(args.val).with_suffix("")),
-                              device=args.device, progress=_bar("evaluate"))
+    root = args.images or str(Path(args.val).with_suffix(""))
+    if args.scales:
+        from .transforms import TransformSet
+        ts = TransformSet.parse(args.scales, flip=not args.no_flip, max_size=args.max_size)
+        by_view = pipeline.evaluate_views(args.checkpoint, args.val, root, transforms=ts, device=args.device,
+                                          progress=_bar(f"evaluate x{len(ts.views)} views"))
+        if args.json:
+            print(json.dumps(by_view, indent=2))
+            return
+        for kind in by_view["ensembled"]:
+            print(f"[{kind}]")
+            print(format_table({name: s[kind] for name, s in by_view.items()}))
+        return
+    stats = pipeline.evaluate(args.checkpoint, args.val, root, device=args.device, progress=_bar("evaluate"))
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -266,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("val", help="validation COCO JSON")
     s.add_argument("--images")
+    s.add_argument("--scales", help="evaluate multi-transform: these shorter sides (comma-separated), ensembled "
+                                    "and each view alone (default: one view at the model's size)")
+    s.add_argument("--no-flip", action="store_true", help="with --scales: no flipped views")
+    s.add_argument("--max-size", type=int, default=4000)
     s.add_argument("--device", default=None)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_evaluate)

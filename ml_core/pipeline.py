@@ -226,6 +226,35 @@ def evaluate(checkpoint: str, val_json: str, val_root: str, *, device: str | Non
     return {k: ev.evaluate() for k, ev in evaluators.items()}
 
 
+def evaluate_views(checkpoint: str, val_json: str, val_root: str, *, transforms: TransformSet,
+                   options: EnsembleOptions | None = None, device: str | None = None,
+                   progress: ProgressFn | None = None, num_workers: int = 2) -> dict:
+    """Multi-transform evaluation: COCO AP of the ensembled predictions and of every single view.
+
+    Returns {"ensembled": {"bbox": {...}, ...}, "s600": {...}, ...}; what ensembling buys on
+    data with true labels, and which views are worth their cost.
+    """
+    device = device or default_device()
+    meta = read_checkpoint(checkpoint)["meta"]
+    val = load_coco(val_json)
+    if [c["id"] for c in val.categories] != [c["id"] for c in meta["categories"]]:
+        raise ValueError("the validation set's categories differ from the model's")
+    schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
+    kinds = {"bbox": None, **({"keypoints": schema.sigmas} if schema else {})}
+    names = ["ensembled"] + [v.name for v in transforms.views]
+    evaluators = {n: {k: COCOEvaluator(val.to_dict(), k, sigmas) for k, sigmas in kinds.items()} for n in names}
+    paths = [str(Path(val_root) / im["file_name"]) for im in val.images]
+    for i, pred, err in infer(checkpoint, paths, transforms=transforms, options=options, device=device,
+                              num_workers=num_workers, progress=progress):
+        if pred is None:
+            raise ValueError(f"validation image unreadable: {err}")
+        for n in names:
+            items = pred["ensembled"] if n == "ensembled" else pred["views"][n]
+            for ev in evaluators[n].values():
+                ev.process(val.images[i]["id"], items)
+    return {n: {k: ev.evaluate() for k, ev in by_kind.items()} for n, by_kind in evaluators.items()}
+
+
 @torch.inference_mode()
 def predict_single_view(model, meta: dict, paths: list, *, device: str, batch_size: int = 8,
                         progress: ProgressFn | None = None) -> list[list[dict]]:

@@ -30,6 +30,9 @@ def test_infer_select_evaluate_commands(tmp_path, capsys):
                  "--labeled", str(data / "labeled.json"), "--out", str(tmp_path / "pl.json")]) == 0
     assert main(["evaluate", str(ck), str(data / "val.json"), "--json", "--device", "cpu"]) == 0
     assert '"AP"' in capsys.readouterr().out
+    assert main(["evaluate", str(ck), str(data / "val.json"), "--scales", "48,64", "--json", "--device", "cpu"]) == 0
+    by_view = json.loads(capsys.readouterr().out)
+    assert list(by_view) == ["ensembled", "s48", "s48-flip", "s64", "s64-flip"] and "AP" in by_view["s64"]["bbox"]
 
 
 def test_errors_are_one_line(tmp_path, capsys):
