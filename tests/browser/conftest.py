@@ -63,6 +63,25 @@ def ready_run(celery_worker_process, as_alice, synth_browser):
     return {**ids, "run": run["id"], "teacher": t["checkpoint"]}
 
 
+@pytest.fixture
+def keypoint_run(celery_worker_process, as_alice, tmp_path):
+    """A keypoint project (stick figures) with a Keypoint R-CNN teacher and an inference run."""
+    from ml_core.synth import SynthConfig, generate
+    generate(tmp_path, SynthConfig(kind="keypoints", image_size=64, labeled=6, unlabeled=3, val=2, seed=4))
+    ids = build_project(as_alice, tmp_path, task="keypoints")
+    r = as_alice.post("/api/training-runs/", {"project": ids["project"], "arch": "keypointrcnn_tiny", "labeled": ids["labeled"],
+                                              "config": {**TINY_TRAIN, "iterations": 4, "batch_size": 2}}, format="json")
+    t = wait_for(lambda: (x := as_alice.get(f"/api/training-runs/{r.json()['id']}/").json())["job"]["state"]
+                 in ("succeeded", "failed") and x, what="teacher")
+    assert t["job"]["state"] == "succeeded", t["job"]["error"]
+    r = as_alice.post("/api/inference-runs/", {"project": ids["project"], "checkpoint": t["checkpoint"], "dataset": ids["unlabeled"],
+                                               "transforms": {"scales": [64], "flip": True, "max_size": 200}}, format="json")
+    run = wait_for(lambda: (x := as_alice.get(f"/api/inference-runs/{r.json()['id']}/").json())["job"]["state"]
+                   in ("succeeded", "failed") and x, what="inference")
+    assert run["job"]["state"] == "succeeded", run["job"]["error"]
+    return run["id"]
+
+
 @pytest.fixture(scope="session")
 def synth_browser(tmp_path_factory):
     from ml_core.synth import SynthConfig, generate

@@ -178,3 +178,40 @@ def test_expired_session_goes_to_login_and_back_without_losing_edits(page, live_
     page.wait_for_selector("canvas#editor[data-instances]")
     assert int(page.get_attribute("canvas#editor", "data-instances")) == n + 1
     assert "restored" in page.inner_text("#draft-note")
+
+
+def test_a_new_box_in_a_keypoint_project_gets_keypoints_to_drag_into_place(page, live_server, keypoint_run, as_alice):
+    page.goto(f"{live_server.url}/runs/{keypoint_run}/review/")
+    page.wait_for_selector("#review[data-ready='1']")
+    page.click(".tile >> nth=0")
+    page.wait_for_selector("dialog#detail[open] .view-panel")  # laid out: the editor stays where it is
+    image = int(page.get_attribute(".tile >> nth=0", "data-image"))
+    n = int(page.get_attribute("canvas#editor", "data-instances"))
+    scale = page.evaluate("document.getElementById('editor').width") / 64
+    ed = page.locator("canvas#editor").bounding_box()
+    page.click("#btn-new")
+    page.mouse.move(ed["x"] + 10 * scale, ed["y"] + 8 * scale)
+    page.mouse.down()
+    page.mouse.move(ed["x"] + 40 * scale, ed["y"] + 56 * scale, steps=4)
+    page.mouse.up()
+    page.wait_for_function("(n) => +document.getElementById('editor').dataset.instances === n", arg=n + 1)
+    page.click("#btn-save")
+    new = wait_for(lambda: (r := as_alice.get(f"/api/reviews/?run={keypoint_run}&image={image}").json()["results"])
+                   and r[0]["instances"][-1], timeout=10, what="review")
+    x, y, w, h = new["bbox"]
+    kps = new["keypoints"]
+    assert [x, y, w, h] == pytest.approx([10, 8, 30, 48], abs=0.5)  # the box follows the mouse
+    assert len(kps) == 27 and all(v == 0 for v in kps[2::3])      # laid out, not yet labeled
+    assert all(x - 1 <= kx <= x + w + 1 and y - 1 <= ky <= y + h + 1 for kx, ky in zip(kps[0::3], kps[1::3]))
+    # drag the first keypoint a little: it becomes labeled (v = 2), the others stay unlabeled
+    kx, ky = kps[0], kps[1]
+    page.wait_for_function("() => document.getElementById('draft-note').textContent === ''")  # saved: layout settled
+    ed = page.locator("canvas#editor").bounding_box()
+    page.mouse.move(ed["x"] + kx * scale, ed["y"] + ky * scale)
+    page.mouse.down()
+    page.mouse.move(ed["x"] + (kx + 3) * scale, ed["y"] + (ky + 2) * scale, steps=3)
+    page.mouse.up()
+    page.click("#btn-save")
+    moved = wait_for(lambda: (i := as_alice.get(f"/api/reviews/?run={keypoint_run}&image={image}").json()["results"][0]
+                              ["instances"][-1])["keypoints"][2] == 2 and i, timeout=10, what="the dragged keypoint")
+    assert moved["keypoints"][0] == pytest.approx(kx + 3, abs=0.6) and moved["keypoints"][5::3] == [0] * 8

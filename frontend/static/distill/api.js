@@ -99,7 +99,7 @@ const Distill = (() => {
   }
 
   /* Draw instances (boxes, keypoints with skeleton) on a 2D context scaled by s. */
-  function drawInstances(ctx, instances, categories, s, {threshold = () => 0, lineWidth = 2, selected = -1, dashed = false, color} = {}) {
+  function drawInstances(ctx, instances, categories, s, {threshold = () => 0, lineWidth = 2, selected = -1, dashed = false, color, unplaced = false} = {}) {
     let drawn = 0;
     ctx.lineWidth = lineWidth;
     ctx.setLineDash(dashed ? [4, 3] : []);
@@ -122,6 +122,8 @@ const Distill = (() => {
         ctx.stroke();
         ctx.fillStyle = c;
         for (let k = 0; k < kp.length; k += 3) if (kp[k + 2] > 0) ctx.fillRect(kp[k] * s - 2, kp[k + 1] * s - 2, 4, 4);
+        // the editor shows keypoints not labeled yet (v = 0) hollow, so they can be dragged into place
+        if (unplaced) for (let k = 0; k < kp.length; k += 3) if (kp[k + 2] === 0) ctx.strokeRect(kp[k] * s - 3, kp[k + 1] * s - 3, 6, 6);
       }
     });
     ctx.setLineDash([]);

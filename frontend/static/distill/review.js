@@ -324,7 +324,7 @@
       Object.keys(D.views).forEach((v, k) => drawInstances(ctx, D.views[v], state.cats, D.scale,
         {threshold: thresholdOf, lineWidth: 1, dashed: true, color: ["#ff0", "#0ff", "#f0f", "#fff", "#fa0", "#0fa", "#a0f", "#aaa"][k % 8]}));
     }
-    drawInstances(ctx, D.instances, state.cats, D.scale, {lineWidth: 2, selected: D.selected});
+    drawInstances(ctx, D.instances, state.cats, D.scale, {lineWidth: 2, selected: D.selected, unplaced: true});
     if (D.selected >= 0) {
       const [x, y, w, hh] = D.instances[D.selected].bbox;
       ctx.fillStyle = "#fff"; ctx.fillRect((x + w) * D.scale - 4, (y + hh) * D.scale - 4, 8, 8);
@@ -371,7 +371,9 @@
       const kpN = (state.cats.find((c) => c.id === cat).keypoints || []).length;
       D.instances.push({bbox: [px / D.scale, py / D.scale, 1, 1], category_id: cat, score: 1,
         ...(kpN ? {keypoints: Array.from({length: kpN}, () => [px / D.scale, py / D.scale, 0]).flat()} : {})});
-      D.selected = D.instances.length - 1; D.drag = {corner: true, x0: px, y0: py, i: D.selected}; D.mode = null;
+      D.selected = D.instances.length - 1; D.mode = null;
+      D.drag = {corner: true, x0: px, y0: py, i: D.selected, isNew: true,
+        orig: {...D.instances[D.selected], bbox: [px / D.scale, py / D.scale, 0, 0]}};  // the box spans the drag
       return;
     }
     const h_ = hit(px, py);
@@ -384,12 +386,35 @@
     const r = editor.getBoundingClientRect(), px = e.clientX - r.left, py = e.clientY - r.top;
     const d = D.instances[D.drag.i], dx = (px - D.drag.x0) / D.scale, dy = (py - D.drag.y0) / D.scale;
     if (D.drag.kp !== undefined) { d.keypoints[D.drag.kp] = D.drag.orig.keypoints[D.drag.kp] + dx; d.keypoints[D.drag.kp + 1] = D.drag.orig.keypoints[D.drag.kp + 1] + dy; d.keypoints[D.drag.kp + 2] = 2; }
-    else if (D.drag.corner) { const o = D.drag.orig || d; d.bbox = [d.bbox[0], d.bbox[1], Math.max(1, (o.bbox[2]) + dx), Math.max(1, (o.bbox[3]) + dy)]; if (!D.drag.orig) D.drag.orig = JSON.parse(JSON.stringify(d)); }
+    else if (D.drag.corner) { const o = D.drag.orig; d.bbox = [d.bbox[0], d.bbox[1], Math.max(1, o.bbox[2] + dx), Math.max(1, o.bbox[3] + dy)]; }
     else { d.bbox = [D.drag.orig.bbox[0] + dx, D.drag.orig.bbox[1] + dy, d.bbox[2], d.bbox[3]];
       if (d.keypoints) for (let k = 0; k < d.keypoints.length; k += 3) { d.keypoints[k] = D.drag.orig.keypoints[k] + dx; d.keypoints[k + 1] = D.drag.orig.keypoints[k + 1] + dy; } }
     drawEditor();
   });
-  window.addEventListener("mouseup", () => { if (D.drag) { D.drag = null; edited(); } });
+  window.addEventListener("mouseup", () => {
+    if (!D.drag) return;
+    if (D.drag.isNew) layOutKeypoints(D.instances[D.drag.i]);
+    D.drag = null; edited();
+  });
+
+  /* A new box in a keypoint project: its keypoints start unlabeled (v = 0, drawn hollow) at the
+     mean pose, relative to their boxes, of the image's other instances with keypoints (else
+     spread down the box), so there is something to drag; a dragged keypoint becomes labeled. */
+  function layOutKeypoints(d) {
+    if (!d.keypoints) return;
+    const n = d.keypoints.length / 3, sum = Array.from({length: n}, () => [0, 0, 0]);
+    for (const o of D.instances) {
+      if (o === d || !o.keypoints || o.keypoints.length !== d.keypoints.length || o.bbox[2] < 2 || o.bbox[3] < 2) continue;
+      for (let k = 0; k < n; k++) if (o.keypoints[3 * k + 2] > 0) {
+        sum[k][0] += (o.keypoints[3 * k] - o.bbox[0]) / o.bbox[2]; sum[k][1] += (o.keypoints[3 * k + 1] - o.bbox[1]) / o.bbox[3]; sum[k][2]++;
+      }
+    }
+    const [bx, by, bw, bh] = d.bbox;
+    for (let k = 0; k < n; k++) {
+      const [u, v] = sum[k][2] ? [sum[k][0] / sum[k][2], sum[k][1] / sum[k][2]] : [0.5, (k + 0.5) / n];
+      d.keypoints.splice(3 * k, 3, bx + u * bw, by + v * bh, 0);
+    }
+  }
 
   function deleteSelected() {
     if (D.selected < 0) return toast("select a box first");
