@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from ml_core import selection
-from ml_core.evaluation import COCOEvaluator
+from ml_core.evaluation import NamedEvaluator
 from ml_core.schema import KeypointSchema
 
 from .models import Annotation, Image, InferenceRun, Prediction
@@ -102,19 +102,15 @@ def view_ap(run: InferenceRun) -> dict:
     ensemble alike keep scores above the run's score threshold, at most 100 per image.
     """
     from .ingest import dataset_to_coco
-    truth = dataset_to_coco(run.validation)
     schema = KeypointSchema.from_dict(run.checkpoint.meta.get("keypoint_schema"))
-    kinds = {"bbox": None, **({"keypoints": schema.sigmas} if schema else {})}
-    names = ["ensembled"] + list(run.view_names)
-    evaluators = {k: {n: COCOEvaluator(truth, k, sigmas) for n in names} for k, sigmas in kinds.items()}
+    ev = NamedEvaluator(dataset_to_coco(run.validation), ["ensembled"] + list(run.view_names),
+                        schema.sigmas if schema else None)
     for image_id, ens, views in Prediction.objects.filter(run=run, validation=True, error="").values_list(
             "image_id", "ensembled", "views").iterator(chunk_size=500):
-        for name in names:
-            preds = ens if name == "ensembled" else views.get(name, [])
-            for by_name in evaluators.values():
-                by_name[name].process(image_id, preds)
-    return {k: {n: {m: v for m, v in ev.evaluate().items() if m in ("AP", "AP50", "AP75")} for n, ev in by_name.items()}
-            for k, by_name in evaluators.items()}
+        ev.process(image_id, {"ensembled": ens, **views})
+    by_name = ev.evaluate()
+    return {k: {n: {m: v for m, v in stats[k].items() if m in ("AP", "AP50", "AP75")} for n, stats in by_name.items()}
+            for k in by_name["ensembled"]}
 
 
 @functools.lru_cache(maxsize=8)

@@ -100,7 +100,7 @@ def weighted_box_fusion(boxes, scores, labels, num_views: int, iou_thresh: float
                 iw = np.minimum(f[:, 2], bi[2]) - np.maximum(f[:, 0], bi[0])
                 ih = np.minimum(f[:, 3], bi[3]) - np.maximum(f[:, 1], bi[1])
                 inter = np.maximum(iw, 0) * np.maximum(ih, 0)
-                iou = inter / (area[:k] + (bi[2] - bi[0]) * (bi[3] - bi[1]) - inter)
+                iou = inter / np.maximum(area[:k] + (bi[2] - bi[0]) * (bi[3] - bi[1]) - inter, 1e-12)
                 best = int(iou.argmax())
                 if iou[best] > iou_thresh:
                     j = best

@@ -71,6 +71,24 @@ class COCOEvaluator:
         return {n: (round(float(v) * 100, 3) if v >= 0 else -1.0) for n, v in zip(names, ev.stats)}
 
 
+class NamedEvaluator:
+    """COCOEvaluators side by side for several prediction sets of the same images (the ensemble
+    and each view): process(image_id, {name: predictions}), evaluate() -> {name: {kind: stats}}.
+    kinds: "bbox", and "keypoints" when kpt_sigmas are given."""
+
+    def __init__(self, ground_truth: dict, names: list[str], kpt_sigmas: list[float] | None = None):
+        kinds = {"bbox": None, **({"keypoints": kpt_sigmas} if kpt_sigmas is not None else {})}
+        self.evaluators = {n: {k: COCOEvaluator(ground_truth, k, s) for k, s in kinds.items()} for n in names}
+
+    def process(self, image_id: int, predictions: dict[str, list[dict]]):
+        for name, by_kind in self.evaluators.items():
+            for ev in by_kind.values():
+                ev.process(image_id, predictions.get(name, []))
+
+    def evaluate(self) -> dict[str, dict[str, dict[str, float]]]:
+        return {n: {k: ev.evaluate() for k, ev in by_kind.items()} for n, by_kind in self.evaluators.items()}
+
+
 def format_table(rows: dict[str, dict[str, float]], keys=("AP", "AP50", "AP75")) -> str:
     """Rows of AP tables as aligned text (for the CLI)."""
     width = max([len(r) for r in rows] + [8])

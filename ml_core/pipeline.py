@@ -17,7 +17,7 @@ from . import selection
 from .checkpoint import load_model, model_meta, read_checkpoint
 from .data import CocoData, CocoDetection, load_coco, load_image, validate_coco
 from .engine import Hook, TrainConfig, TrainState, fit
-from .evaluation import COCOEvaluator
+from .evaluation import COCOEvaluator, NamedEvaluator
 from .models import build_model, get_arch
 from .schema import KeypointSchema
 from .transforms import TransformSet, training_transform
@@ -240,19 +240,15 @@ def evaluate_views(checkpoint: str, val_json: str, val_root: str, *, transforms:
     if [c["id"] for c in val.categories] != [c["id"] for c in meta["categories"]]:
         raise ValueError("the validation set's categories differ from the model's")
     schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
-    kinds = {"bbox": None, **({"keypoints": schema.sigmas} if schema else {})}
-    names = ["ensembled"] + [v.name for v in transforms.views]
-    evaluators = {n: {k: COCOEvaluator(val.to_dict(), k, sigmas) for k, sigmas in kinds.items()} for n in names}
+    ev = NamedEvaluator(val.to_dict(), ["ensembled"] + [v.name for v in transforms.views],
+                        schema.sigmas if schema else None)
     paths = [str(Path(val_root) / im["file_name"]) for im in val.images]
     for i, pred, err in infer(checkpoint, paths, transforms=transforms, options=options, device=device,
                               num_workers=num_workers, progress=progress):
         if pred is None:
             raise ValueError(f"validation image unreadable: {err}")
-        for n in names:
-            items = pred["ensembled"] if n == "ensembled" else pred["views"][n]
-            for ev in evaluators[n].values():
-                ev.process(val.images[i]["id"], items)
-    return {n: {k: ev.evaluate() for k, ev in by_kind.items()} for n, by_kind in evaluators.items()}
+        ev.process(val.images[i]["id"], {"ensembled": pred["ensembled"], **pred["views"]})
+    return ev.evaluate()
 
 
 @torch.inference_mode()

@@ -41,3 +41,15 @@ def test_keypoint_ap_uses_the_schema_sigmas():
 def test_unknown_iou_type():
     with pytest.raises(ValueError, match="bbox, keypoints"):
         COCOEvaluator(GT, "segm")
+
+
+def test_named_evaluator_scores_each_prediction_set_alone():
+    from ml_core.evaluation import NamedEvaluator
+    ev = NamedEvaluator(GT, ["perfect", "half", "none"])
+    for a in GT["annotations"]:
+        p = [{"bbox": a["bbox"], "score": 0.9, "category_id": a["category_id"]}]
+        ev.process(a["image_id"], {"perfect": p, "half": p if a["category_id"] == 1 else []})
+    out = ev.evaluate()
+    assert out["perfect"]["bbox"]["AP"] == pytest.approx(100.0)
+    assert out["half"]["bbox"]["AP"] == pytest.approx(50.0)   # class 2 missed entirely
+    assert out["none"]["bbox"]["AP"] == 0.0 and list(out["none"]) == ["bbox"]
