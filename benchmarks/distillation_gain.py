@@ -51,10 +51,19 @@ def run_task(task: str, p: dict, out: Path, seed: int) -> dict:
                                      transforms=TransformSet(p["scales"], flip=True), teacher_config=teacher_cfg,
                                      student_config=student_cfg, threshold="auto", baselines=True,
                                      min_size=p["size"]))
+    return task_result(task, r, minutes=round((time.time() - t) / 60, 1))
+
+
+def task_result(task: str, r: dict, minutes: float | None = None) -> dict:
     key = "keypoints" if task == "keypoints" else "bbox"
     return {"metric": key, "ap": {k: v[key] for k, v in r["results"].items()}, "thresholds": r["thresholds"],
-            "pseudo_label_quality": r["pseudo_label_quality"], "val_images": r["val_images"],
-            "minutes": round((time.time() - t) / 60, 1)}
+            "pseudo_label_quality": r["pseudo_label_quality"], "val_images": r["val_images"], "minutes": minutes}
+
+
+def finished_run(task: str, out: Path, seed: int) -> dict | None:
+    """A run of an earlier invocation, from the report run_pipeline wrote when it finished."""
+    path = out / f"seed{seed}" / f"run_{task}" / "report.json"
+    return task_result(task, json.loads(path.read_text())) if path.is_file() else None
 
 
 def mean_table(runs: list[dict], field: str) -> dict:
@@ -69,6 +78,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "distillation_gain"))
     ap.add_argument("--seeds", default="0", help="comma-separated; each seed generates its own data and "
                                                  "initialisation, and the tables show the mean")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: print the tables of the runs already finished under --out")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -76,22 +87,33 @@ def main():
     report = {"preset": args.preset, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "seeds": seeds, "tasks": {}}
     for task in args.tasks.split(","):
-        runs = [run_task(task, p, out / f"seed{seed}", seed) for seed in seeds]
+        if args.report_only:
+            found = {seed: finished_run(task, out, seed) for seed in seeds}
+            task_seeds = [seed for seed, r in found.items() if r is not None]
+            runs = [found[seed] for seed in task_seeds]
+            if not runs:
+                print(f"\n{task}: no finished run under {out}")
+                continue
+        else:
+            task_seeds = seeds
+            runs = [run_task(task, p, out / f"seed{seed}", seed) for seed in seeds]
         key = runs[0]["metric"]
         table, quality = mean_table(runs, "ap"), mean_table(runs, "pseudo_label_quality")
-        report["tasks"][task] = {"metric": key, "ap": table, "pseudo_label_quality": quality,
-                                 "per_seed": dict(zip(map(str, seeds), runs)),
-                                 "minutes": round(sum(r["minutes"] for r in runs), 1)}
-        mean = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+        minutes = [r["minutes"] for r in runs if r["minutes"] is not None]
+        report["tasks"][task] = {"metric": key, "ap": table, "pseudo_label_quality": quality, "seeds": task_seeds,
+                                 "per_seed": dict(zip(map(str, task_seeds), runs)),
+                                 "minutes": round(sum(minutes), 1) if minutes else None}
+        mean = f"mean of seeds {', '.join(map(str, task_seeds))}" if len(runs) > 1 else f"seed {task_seeds[0]}"
         print(f"\n{task}: {key} AP on {runs[0]['val_images']} validation images ({args.preset} preset, "
               f"{report['device']}, {mean})")
         print(format_table(table))
-        if len(seeds) > 1:
+        if len(runs) > 1:
             for name in table:
                 print(f"  {name}: " + ", ".join(f"{r['ap'][name]['AP']:.2f}" for r in runs))
         print("pseudo-labels against the unlabeled split's truth (precision/recall at IoU 0.5, AP of the kept set):")
         print(format_table(quality, keys=tuple(k for k in ("precision", "recall", "bbox_AP", "keypoints_AP")
                                                if k in next(iter(quality.values())))))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {out / 'report.json'}")
 
