@@ -92,8 +92,9 @@ class NamedEvaluator:
 def format_table(rows: dict[str, dict[str, float]], keys=("AP", "AP50", "AP75")) -> str:
     """Rows of AP tables as aligned text (for the CLI)."""
     width = max([len(r) for r in rows] + [8])
-    head = " " * width + "".join(f"{k:>9}" for k in keys)
+    cols = [max(9, len(k) + 2) for k in keys]
+    head = " " * width + "".join(f"{k:>{c}}" for k, c in zip(keys, cols))
     lines = [head]
     for name, stats in rows.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{stats.get(k, float('nan')):>9.2f}" for k in keys))
+        lines.append(f"{name:<{width}}" + "".join(f"{stats.get(k, float('nan')):>{c}.2f}" for k, c in zip(keys, cols)))
     return "\n".join(lines)
