@@ -263,7 +263,7 @@ def predict_single_view(model, meta: dict, paths: list, *, device: str, batch_si
         for d in model(images):
             items = []
             boxes, scores, labels = d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()
-            kps = d["keypoints"].reshape(len(boxes), -1).tolist() if "keypoints" in d else None
+            kps = d["keypoints"].flatten(1).tolist() if "keypoints" in d else None
             for i, (b, sc, lab) in enumerate(zip(boxes, scores, labels)):
                 item = {"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": sc, "label": lab,
                         "category_id": cats[lab - 1]["id"]}

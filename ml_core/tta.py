@@ -77,7 +77,7 @@ class Instances:
         b = self.boxes.tolist()
         s = self.scores.tolist()
         lab = self.labels.tolist()
-        k = self.keypoints.reshape(len(b), -1).tolist() if self.keypoints is not None else None
+        k = self.keypoints.flatten(1).tolist() if self.keypoints is not None else None
         out = []
         for i in range(len(b)):
             x1, y1, x2, y2 = b[i]

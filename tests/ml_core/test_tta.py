@@ -92,3 +92,26 @@ def test_keypoint_size_dependence_changes_only_what_the_rule_says():
         ensemble.ensemble_heatmaps = original
     assert torch.allclose(dep.ensembled.keypoints, upper.ensembled.keypoints)
     assert not torch.allclose(dep.ensembled.keypoints, plain.ensembled.keypoints)
+
+
+def test_a_keypoint_view_with_no_detection_is_an_empty_list_not_a_crash():
+    from ml_core.tta import ImagePrediction, Instances
+    empty = Instances(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 9, 3))
+    one = Instances(torch.tensor([[0., 0, 4, 4]]), torch.tensor([0.9]), torch.tensor([1]), torch.ones(1, 9, 3))
+    j = ImagePrediction(8, 8, views={"s64": empty, "s64-flip": one}, ensembled=one).to_json()
+    assert j["views"]["s64"] == [] and len(j["views"]["s64-flip"][0]["keypoints"]) == 27
+
+
+def test_a_keypoint_model_that_finds_nothing_predicts_empty_lists(tmp_path):
+    from PIL import Image
+
+    from ml_core.pipeline import predict_single_view
+    torch.manual_seed(0)
+    m, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=64, max_size=96)
+    m.roi_heads.score_thresh = 1.01  # nothing passes
+    p = MultiTransformPredictor(m, TransformSet([48, 64]), flip_inds=[0, 2, 1, 4, 3])
+    o = p.predict([torch.rand(3, 64, 64)])[0].to_json()
+    assert o["ensembled"] == [] and all(v == [] for v in o["views"].values())
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    meta = {"categories": [{"id": 1, "name": "figure"}]}
+    assert predict_single_view(m, meta, [tmp_path / "a.png"], device="cpu") == [[]]
