@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .services import RedisServer, StartupError, check_port_free, start_worker, stop_process, wait_for_port
+from .services import RedisServer, StartupError, check_port_free, start_worker, stop_processes, wait_for_port
 
 
 def _say(msg: str):
@@ -94,8 +94,7 @@ def serve(host: str | None = None, port: int | None = None, demo: bool = True, w
         _say("stopping")
         return 0
     finally:
-        for p in reversed(procs):
-            stop_process(p)
+        stop_processes(procs)
         if redis:
             redis.stop()
 

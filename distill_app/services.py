@@ -99,17 +99,29 @@ def start_worker(env: dict | None = None, queues: str = "gpu,cpu", log=None, hos
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0):
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM) if _own_group(proc) else proc.terminate()
-        proc.wait(timeout)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
+    stop_processes([proc], timeout)
+
+
+def stop_processes(procs: list[subprocess.Popen | None], timeout: float = 10.0):
+    """SIGTERM to all at once (so Ctrl-C waits for the slowest, not for the sum), SIGKILL to
+    whatever still runs after timeout seconds."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for p in live:
+        _signal(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in live:
         try:
-            os.killpg(proc.pid, signal.SIGKILL) if _own_group(proc) else proc.kill()
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(p, signal.SIGKILL)
+            p.wait(5)
+
+
+def _signal(proc: subprocess.Popen, sig: int):
+    try:
+        os.killpg(proc.pid, sig) if _own_group(proc) else proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
 
 
 def _own_group(proc) -> bool:
