@@ -35,7 +35,12 @@ def test_serve_starts_everything_and_stops_on_ctrl_c(tmp_path):
         assert "Log in" in html
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        rest = proc.communicate(timeout=120)[0]  # generous: a loaded CI machine stops slowly
+        try:
+            rest = proc.communicate(timeout=120)[0]  # generous: a loaded CI machine stops slowly
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("distill serve did not stop within 120 s of Ctrl-C; it printed:\n"
+                                 + "".join(lines) + proc.communicate(timeout=10)[0]) from None
     assert proc.returncode == 0, rest
     assert "stopping" in rest
     import socket
