@@ -57,6 +57,10 @@ def _first_user() -> str:
 def serve(host: str | None = None, port: int | None = None, demo: bool = True, worker: bool = True) -> int:
     procs: list[subprocess.Popen] = []
     redis = None
+    # Ctrl-C must stop everything even when started from a parent that ignores SIGINT (a
+    # background job of a non-interactive shell, as some CI runners start it): Python only
+    # installs its KeyboardInterrupt handler where SIGINT was not ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         from .env import envint, envstr
         data = _check_data_dir()
