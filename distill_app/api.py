@@ -20,7 +20,7 @@ from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from ml_core.checkpoint import read_checkpoint
+from ml_core.checkpoint import load_model
 
 from . import tasks, threshold_stats
 from .exceptions import BadInput, Conflict
@@ -223,7 +223,8 @@ class ModelCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, m
             for chunk in f.chunks():
                 out.write(chunk)
         try:
-            meta = read_checkpoint(path)["meta"]
+            # Rebuilds the model and loads the weights (never unpickling code): what cannot be used is refused now.
+            meta = load_model(path, name=os.path.basename(f.name or 'checkpoint'))[1]
             cats = [(c["id"], c["name"]) for c in meta["categories"]]
             if project.categories and cats != [(c["id"], c["name"]) for c in project.categories]:
                 raise ValueError(f"the checkpoint's categories {cats} differ from the project's")

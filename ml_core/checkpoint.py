@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .models import build_model
+from .models import ARCHITECTURES, build_model
 from .schema import KeypointSchema
+from .serialization import plain, safe_load, tensor_dict
 
 FORMAT = "distill-checkpoint/1"
 
@@ -37,28 +38,54 @@ def atomic_save(obj, path: str | os.PathLike):
 
 def save_checkpoint(path, model: torch.nn.Module, meta: dict, **training_state):
     module = model.module if hasattr(model, "module") else model
-    atomic_save({"meta": meta, "model": module.state_dict(), **training_state}, path)
+    # The state dict stays as torch made it (an OrderedDict of tensors with its version metadata).
+    atomic_save({"model": module.state_dict(), **plain({"meta": meta, **training_state})}, path)
 
 
-def read_checkpoint(path) -> dict:
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{os.path.basename(str(path))} is not a readable PyTorch checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("meta", {}).get("format") != FORMAT:
-        raise ValueError(f"{os.path.basename(str(path))} is not a Distill checkpoint (no '{FORMAT}' metadata); "
+def read_checkpoint(path, name: str | None = None) -> dict:
+    """Load a Distill checkpoint without running code in it, and check that its metadata describes a
+    model this project can rebuild (ValueError with the reason otherwise)."""
+    name = name or os.path.basename(str(path))
+    ckpt = safe_load(path, name)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("meta"), dict) or ckpt["meta"].get("format") != FORMAT:
+        raise ValueError(f"{name} is not a Distill checkpoint (no '{FORMAT}' metadata); "
                          "pass it as initial weights instead")
+    check_meta(ckpt["meta"], name)
+    tensor_dict(ckpt.get("model"), f"{name}: 'model'")
     return ckpt
 
 
-def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
+def check_meta(meta: dict, name: str = "checkpoint"):
+    arch = meta.get("arch")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ValueError(f"{name}: unknown architecture {str(arch)[:80]!r}; known: {', '.join(ARCHITECTURES)}")
+    cats = meta.get("categories")
+    if (not isinstance(cats, list) or not cats
+            or not all(isinstance(c, dict) and type(c.get("id")) is int and isinstance(c.get("name"), str) for c in cats)):
+        raise ValueError(f"{name}: 'categories' must be a non-empty list of {{id: int, name: str}}")
+    for key in ("min_size", "max_size"):
+        v = meta.get(key)
+        if type(v) is not int or not 16 <= v <= 8192:
+            raise ValueError(f"{name}: '{key}' must be an integer in [16, 8192], got {str(v)[:40]}")
+    ks = meta.get("keypoint_schema")
+    if ks is not None:
+        try:
+            KeypointSchema.from_dict(ks)
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise ValueError(f"{name}: invalid keypoint_schema ({e})") from None
+
+
+def load_model(path, device="cpu", name: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model a checkpoint describes and load its weights."""
-    ckpt = read_checkpoint(path)
+    name = name or os.path.basename(str(path))
+    ckpt = read_checkpoint(path, name)
     meta = ckpt["meta"]
     schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
     model, _ = build_model(meta["arch"], len(meta["categories"]) + 1, schema.num_keypoints if schema else 0,
                            meta["min_size"], meta["max_size"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{name}: the weights do not fit a {meta['arch']} with "
+                         f"{len(meta['categories'])} categories ({str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval(), meta

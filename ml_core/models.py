@@ -5,13 +5,14 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import (FasterRCNN, KeypointRCNN, fasterrcnn_mobilenet_v3_large_fpn,
                                           fasterrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn)
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+
+from .serialization import safe_load, tensor_dict
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,10 @@ def build_model(arch: str, num_classes: int, num_keypoints: int = 0, min_size: i
 def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     if not os.path.isfile(path):
         raise ValueError(f"weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_load(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    state = tensor_dict(state, os.path.basename(str(path)))
     own = model.state_dict()
     compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not compatible:

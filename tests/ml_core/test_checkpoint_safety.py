@@ -1,0 +1,98 @@
+"""Nothing loaded from a file runs code: hostile pickles are refused wherever a file is read."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from distill_app.cli import main
+from ml_core.checkpoint import load_model, model_meta, read_checkpoint, save_checkpoint
+from ml_core.models import build_model
+
+
+class _MakesADirectory:
+    """Unpickling this calls os.mkdir(path): a stand-in for any code an attacker would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def hostile_checkpoint(tmp_path, marker):
+    path = tmp_path / "hostile.pt"
+    torch.save({"meta": {"format": "distill-checkpoint/1", "payload": _MakesADirectory(marker)}, "model": {}}, path)
+    return path
+
+
+def test_the_hostile_file_really_runs_code_when_unpickled(tmp_path):
+    # Guards the other tests: the payload works, so its absence below means it was not run.
+    marker = tmp_path / "pwned"
+    torch.load(hostile_checkpoint(tmp_path, marker), weights_only=False)
+    assert marker.exists()
+
+
+def test_read_checkpoint_refuses_a_hostile_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(ValueError, match="refused"):
+        read_checkpoint(hostile_checkpoint(tmp_path, marker))
+    assert not marker.exists()
+
+
+def test_initial_weights_refuse_a_hostile_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(ValueError, match="refused"):
+        build_model("fasterrcnn_tiny", 3, min_size=64, max_size=96, weights_path=hostile_checkpoint(tmp_path, marker))
+    assert not marker.exists()
+
+
+def test_cli_train_weights_refuses_a_hostile_pickle(tmp_path, capsys):
+    data, marker = tmp_path / "d", tmp_path / "pwned"
+    main(["synth", str(data), "--size", "64", "--labeled", "4", "--unlabeled", "2", "--val", "2"])
+    rc = main(["train", str(data / "labeled.json"), "--out", str(tmp_path / "t.pt"), "--arch", "fasterrcnn_tiny",
+               "--iterations", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+               "--weights", str(hostile_checkpoint(tmp_path, marker))])
+    assert rc != 0 and "refused" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "t.pt").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"meta": 3}, "not a Distill checkpoint"),
+    ([1, 2], "not a Distill checkpoint"),
+    ({"meta": {"format": "distill-checkpoint/1", "arch": "nope"}, "model": {}}, "unknown architecture"),
+    ({"meta": {"format": "distill-checkpoint/1", "arch": "fasterrcnn_tiny", "categories": "x"}}, "categories"),
+    ({"meta": {"format": "distill-checkpoint/1", "arch": "fasterrcnn_tiny", "categories": [{"id": 1, "name": "a"}],
+               "min_size": 64, "max_size": 10 ** 9}}, "max_size"),
+    ({"meta": {"format": "distill-checkpoint/1", "arch": "fasterrcnn_tiny", "categories": [{"id": 1, "name": "a"}],
+               "min_size": 64, "max_size": 96}, "model": {"w": 3}}, "not a named tensor"),
+])
+def test_malformed_checkpoints_are_value_errors(tmp_path, content, message):
+    torch.save(content, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=message):
+        read_checkpoint(tmp_path / "bad.pt")
+
+
+def test_weights_that_do_not_fit_the_architecture_are_a_value_error(tmp_path):
+    meta = model_meta("fasterrcnn_tiny", [{"id": 1, "name": "a"}], None, 64, 96)
+    torch.save({"meta": meta, "model": {"roi_heads.box_predictor.cls_score.weight": torch.zeros(7, 7)}}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_a_plain_state_dict_loads_as_initial_weights(tmp_path):
+    # torchvision's published files are plain state dicts: they must keep working.
+    m, _ = build_model("fasterrcnn_tiny", 3, min_size=64, max_size=96)
+    torch.save(m.state_dict(), tmp_path / "tv.pth")
+    _, init = build_model("fasterrcnn_tiny", 3, min_size=64, max_size=96, weights_path=tmp_path / "tv.pth")
+    assert init.startswith("tv.pth (") and "tensors" in init
+
+
+def test_saved_checkpoints_hold_plain_values_only(tmp_path):
+    m, _ = build_model("fasterrcnn_tiny", 2, min_size=64, max_size=96)
+    meta = model_meta("fasterrcnn_tiny", [{"id": 1, "name": "a"}], None, 64, 96, metrics={"AP": np.float64(12.5)})
+    save_checkpoint(tmp_path / "m.pt", m, meta, history=[{"loss": np.float32(1.5)}])
+    ck = read_checkpoint(tmp_path / "m.pt")  # weights_only load: would fail on a NumPy scalar
+    assert ck["meta"]["metrics"]["AP"] == 12.5 and type(ck["meta"]["metrics"]["AP"]) is float
+    with pytest.raises(TypeError, match="plain values"):
+        save_checkpoint(tmp_path / "n.pt", m, {**meta, "x": object()})
