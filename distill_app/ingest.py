@@ -1,14 +1,25 @@
 """Getting images and COCO annotations in: verification, de-duplication, safe zip extraction.
 
 Every file gets a per-file result (accepted, duplicate, rejected with a reason); a bad file never
-stops the rest of a batch, and nothing is half-registered: the file is written under a temporary
-name, renamed, and only then recorded, and removed again if recording fails.
+stops the rest of a multi-file upload, and nothing is half-registered: files are written under a
+temporary name and renamed, then recorded; whatever no row owns in the end (the file failed, or
+the import was rolled back) is removed again. A zip import is all or nothing: its images and its
+COCO annotations are recorded in one transaction, after every file is written.
+
+Colour policy (one function, `ml_core.data.to_rgb8`, used here and by `ml_core.data.load_image`):
+the stored working copy that thumbnails, review and training use is 8-bit RGB. An upload that is
+already 8-bit RGB JPEG/PNG without EXIF rotation or transparency is stored byte for byte; any other
+(CMYK, grayscale, 16-bit, palette, RGBA, TIFF, WebP, ...) is converted -- 16-bit scaled from its
+full range, transparency composited on white, EXIF rotation applied -- and stored as PNG (JPEG at
+quality 95 when the upload was a JPEG), with the uploaded bytes kept beside it under `originals/`.
+Nothing written carries the upload's metadata (text chunks, EXIF, ICC profile).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -17,16 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from PIL import Image as PILImage
-from PIL import ImageOps, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from ml_core.data import CocoFormatError, validate_coco
+from ml_core.data import CocoFormatError, is_rgb8, to_rgb8, validate_coco
 
 from .models import Annotation, Dataset, Image, Project
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 THUMBNAIL_SIDE = 256
+ORIGINAL_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif", "GIF": ".gif",
+                       "MPO": ".jpg"}
+log = logging.getLogger(__name__)
 
 
 class IngestError(ValueError):
@@ -78,55 +92,139 @@ def _write_atomic(path: Path, data: bytes):
             os.unlink(tmp)
 
 
-def ingest_bytes(dataset: Dataset, file_name: str, data: bytes) -> FileResult:
-    """Verify one image and register it in the dataset."""
-    name = PurePosixPath(str(file_name).replace("\\", "/")).as_posix().lstrip("/")[:500] or "unnamed"
+class _Batch:
+    """The files written for one upload (or zip), by content digest. `cleanup` removes those that
+    no Image row owns in the end: the file failed, or the transaction that recorded it rolled back.
+    Files a row owns stay, whoever wrote them (the same content arriving concurrently writes the
+    same paths)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.written: dict[str, list[Path]] = {}
+        self.pending: dict[str, _Stored] = {}
+
+    def write(self, digest: str, rel: Path, data: bytes):
+        path = Path(settings.MEDIA_ROOT) / rel
+        self.written.setdefault(digest, []).append(path)
+        _write_atomic(path, data)
+
+    def cleanup(self):
+        for digest, paths in self.written.items():
+            try:
+                owned = Image.objects.filter(dataset=self.dataset, sha256=digest).exists()
+            except DatabaseError:
+                owned = False
+            if owned:
+                continue
+            for path in paths:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    log.exception("could not remove %s", path)
+
+
+@dataclass
+class _Stored:
+    """An image whose files are written and whose row is not created yet."""
+    name: str
+    digest: str
+    rel: str
+    thumb_rel: str
+    width: int
+    height: int
+
+
+def _clean_name(file_name) -> str:
+    return PurePosixPath(str(file_name).replace("\\", "/")).as_posix().lstrip("/")[:500] or "unnamed"
+
+
+def _encode(im: PILImage.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _store(batch: _Batch, name: str, data: bytes, digest: str, im: PILImage.Image) -> _Stored:
+    """Write the working copy (8-bit RGB, see the module docstring), its thumbnail and, when the
+    working copy is not the upload itself, the uploaded bytes. No row yet."""
+    fmt = (im.format or "").upper()
+    as_uploaded = fmt in ("JPEG", "PNG") and is_rgb8(im)
+    rgb = to_rgb8(im)  # carries no metadata over: a huge PNG text chunk cannot break the JPEG thumbnail
+    width, height = rgb.size
+    folder = Path("projects") / str(batch.dataset.project_id) / "datasets" / str(batch.dataset.pk)
+    key = digest[:24]
+    ext = ".jpg" if fmt == "JPEG" else ".png"
+    rel = folder / "images" / f"{key}{ext}"
+    if as_uploaded:
+        batch.write(digest, rel, data)
+    else:
+        working = _encode(rgb, "JPEG", quality=95) if fmt == "JPEG" else _encode(rgb, "PNG")
+        batch.write(digest, rel, working)
+        original_ext = ORIGINAL_EXTENSIONS.get(fmt, f".{fmt.lower()}" if fmt.isalnum() else ".bin")
+        batch.write(digest, folder / "originals" / f"{key}{original_ext}", data)
+    rgb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    thumb_rel = folder / "thumbs" / f"{key}.jpg"
+    batch.write(digest, thumb_rel, _encode(rgb, "JPEG", quality=85))
+    stored = _Stored(name, digest, str(rel), str(thumb_rel), width, height)
+    batch.pending[digest] = stored
+    return stored
+
+
+def _prepare(batch: _Batch, file_name: str, data: bytes) -> FileResult | _Stored:
+    """Check one image and write its files: a FileResult when it is refused (or a duplicate), else
+    what `_register` records. Raises only when storing fails (disk, encoder)."""
+    name = _clean_name(file_name)
     if len(data) == 0:
         return FileResult(name, "rejected", "empty file")
     if len(data) > settings.DISTILL_MAX_IMAGE_BYTES:
         return FileResult(name, "rejected", f"{len(data):,} bytes is above the limit of {settings.DISTILL_MAX_IMAGE_BYTES:,}")
     digest = hashlib.sha256(data).hexdigest()
-    existing = Image.objects.filter(dataset=dataset, sha256=digest).only("id").first()
+    if digest in batch.pending:
+        return FileResult(name, "duplicate", f"same content as {batch.pending[digest].name} of this upload")
+    existing = Image.objects.filter(dataset=batch.dataset, sha256=digest).only("id").first()
     if existing:
         return FileResult(name, "duplicate", "same content as an image already in this dataset", existing.id)
     try:
         im = _decode(data)
     except ValueError as e:
         return FileResult(name, "rejected", str(e))
-    orientation = im.getexif().get(0x0112, 1)
-    fmt = (im.format or "PNG").upper()
-    if orientation != 1 or fmt not in ("JPEG", "PNG"):
-        # Store what the user saw: EXIF rotation applied, in a format every browser shows.
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=95)
-        data, ext = buf.getvalue(), ".jpg"
-    else:
-        ext = ".jpg" if fmt == "JPEG" else ".png"
-    rel = Path("projects") / str(dataset.project_id) / "datasets" / str(dataset.pk) / "images" / f"{digest[:24]}{ext}"
-    thumb_rel = rel.parent.parent / "thumbs" / f"{digest[:24]}.jpg"
-    root = Path(settings.MEDIA_ROOT)
-    _write_atomic(root / rel, data)
-    th = im.convert("RGB")
-    th.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    buf = io.BytesIO()
-    th.save(buf, "JPEG", quality=85)
-    _write_atomic(root / thumb_rel, buf.getvalue())
+    return _store(batch, name, data, digest, im)
+
+
+def _register(dataset: Dataset, s: _Stored) -> FileResult:
     try:
         with transaction.atomic():
-            img = Image.objects.create(dataset=dataset, file=str(rel), thumbnail=str(thumb_rel), file_name=name,
-                                       sha256=digest, width=im.width, height=im.height)
+            img = Image.objects.create(dataset=dataset, file=s.rel, thumbnail=s.thumb_rel, file_name=s.name,
+                                       sha256=s.digest, width=s.width, height=s.height)
     except IntegrityError:  # the same content arrived concurrently: keep the first
-        other = Image.objects.get(dataset=dataset, sha256=digest)
-        return FileResult(name, "duplicate", "same content as an image already in this dataset", other.id)
-    return FileResult(name, "accepted", "", img.id)
+        other = Image.objects.get(dataset=dataset, sha256=s.digest)
+        return FileResult(s.name, "duplicate", "same content as an image already in this dataset", other.id)
+    return FileResult(s.name, "accepted", "", img.id)
+
+
+def ingest_bytes(dataset: Dataset, file_name: str, data: bytes) -> FileResult:
+    """Verify one image and register it in the dataset. Whatever goes wrong with this file is its
+    own result (rejected, with the reason) and leaves no file behind."""
+    batch = _Batch(dataset)
+    try:
+        result = _prepare(batch, file_name, data)
+        return _register(dataset, result) if isinstance(result, _Stored) else result
+    except Exception as e:  # noqa: BLE001 -- one file's failure is that file's result, never the batch's
+        log.exception("storing the upload %r failed", file_name)
+        return FileResult(_clean_name(file_name), "rejected", f"could not be stored ({type(e).__name__}: {e})")
+    finally:
+        batch.cleanup()
 
 
 def ingest_upload(dataset: Dataset, uploaded) -> FileResult:
     if uploaded.size > settings.DISTILL_MAX_IMAGE_BYTES:
-        return FileResult(uploaded.name, "rejected", f"{uploaded.size:,} bytes is above the limit of "
+        return FileResult(_clean_name(uploaded.name), "rejected", f"{uploaded.size:,} bytes is above the limit of "
                           f"{settings.DISTILL_MAX_IMAGE_BYTES:,}")
-    return ingest_bytes(dataset, uploaded.name, uploaded.read())
+    try:
+        data = uploaded.read()
+    except OSError as e:
+        return FileResult(_clean_name(uploaded.name), "rejected", f"could not be read ({e})")
+    return ingest_bytes(dataset, uploaded.name, data)
 
 
 def check_zip_entry(info: zipfile.ZipInfo) -> str | None:
@@ -159,8 +257,20 @@ def _read_limited(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byt
 
 
 def ingest_zip(dataset: Dataset, zip_path: str | Path, progress=None) -> dict:
-    """Every image of a zip into the dataset; a COCO JSON inside it is imported after the images
-    (labeled and validation sets). Returns {"files": [...], "coco": {...} | None}."""
+    """Every image of a zip into the dataset; a COCO JSON inside it is imported with the images
+    (labeled and validation sets). All or nothing: images are checked and written first, then every
+    row and the annotations are recorded in one transaction; if anything fails (the COCO file, the
+    database), no row is left and the written files are removed. Entries that are not usable
+    images are reported as rejected and do not stop the rest. Returns {"files": [...], "coco": {...} | None}."""
+    batch = _Batch(dataset)
+    try:
+        return _ingest_zip(batch, zip_path, progress)
+    finally:
+        batch.cleanup()
+
+
+def _ingest_zip(batch: _Batch, zip_path: str | Path, progress) -> dict:
+    dataset = batch.dataset
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -171,7 +281,8 @@ def ingest_zip(dataset: Dataset, zip_path: str | Path, progress=None) -> dict:
         if total > settings.DISTILL_MAX_ZIP_UNCOMPRESSED:
             raise IngestError(f"the zip expands to {total:,} bytes, above the limit of "
                               f"{settings.DISTILL_MAX_ZIP_UNCOMPRESSED:,} (zip bomb?)")
-        results, coco_docs = [], []
+        results: list[FileResult | _Stored] = []
+        coco_docs = []
         for n, info in enumerate(infos):
             name = info.filename
             base = PurePosixPath(name.replace("\\", "/")).name
@@ -193,15 +304,24 @@ def ingest_zip(dataset: Dataset, zip_path: str | Path, progress=None) -> dict:
             except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
                 results.append(FileResult(name, "rejected", f"unreadable zip entry ({e})"))
                 continue
-            results.append(ingest_bytes(dataset, name, data))
+            try:
+                results.append(_prepare(batch, name, data))
+            except Exception as e:  # noqa: BLE001 -- an entry that cannot be stored is rejected like a bad one
+                log.exception("storing the zip entry %r failed", name)
+                results.append(FileResult(_clean_name(name), "rejected", f"could not be stored ({type(e).__name__}: {e})"))
             if progress:
                 progress(n + 1, len(infos))
-    coco = None
+    doc = None
     if coco_docs and dataset.role in ("labeled", "validation"):
         if len(coco_docs) > 1:
             raise IngestError(f"the zip holds {len(coco_docs)} JSON files; include one COCO annotation file")
         name, raw = coco_docs[0]
-        coco = import_coco(dataset, parse_coco_bytes(raw, name))
+        doc = parse_coco_bytes(raw, name)
+    coco = None
+    with transaction.atomic():
+        results = [_register(dataset, r) if isinstance(r, _Stored) else r for r in results]
+        if doc is not None:
+            coco = import_coco(dataset, doc)
     return {"files": [r.to_dict() for r in results], "coco": coco}
 
 

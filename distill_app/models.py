@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
+from django.db.models.signals import post_delete
+from django.dispatch import receiver
 from django.utils import timezone
 
 
@@ -61,6 +63,31 @@ class Image(models.Model):
     @property
     def path(self) -> Path:
         return Path(settings.MEDIA_ROOT) / self.file
+
+    @property
+    def original_path(self) -> Path | None:
+        """The uploaded bytes, kept when ingest converted them to the 8-bit RGB working copy
+        (`file`); None when `file` is the upload itself."""
+        found = sorted((self.path.parent.parent / "originals").glob(f"{self.sha256[:24]}.*"))
+        return found[0] if found else None
+
+    def owned_files(self) -> list[Path]:
+        paths = [self.path] + ([Path(settings.MEDIA_ROOT) / self.thumbnail] if self.thumbnail else [])
+        return paths + ([self.original_path] if self.original_path else [])
+
+
+@receiver(post_delete, sender=Image)
+def _remove_image_files(sender, instance: Image, using, **kwargs):
+    """An image's files go with its row, once the deletion is committed (unless the same content
+    was uploaded again into the dataset meanwhile: it has the same paths)."""
+    paths, dataset_id, digest = instance.owned_files(), instance.dataset_id, instance.sha256
+
+    def remove():
+        if Image.objects.filter(dataset_id=dataset_id, sha256=digest).exists():
+            return
+        for path in paths:
+            path.unlink(missing_ok=True)
+    transaction.on_commit(remove, using=using)
 
 
 class Annotation(models.Model):

@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
@@ -162,10 +163,68 @@ def load_coco(path: str | os.PathLike, **kw) -> CocoData:
     return validate_coco(doc, **kw)
 
 
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """The project's one colour policy: any image Pillow opens becomes 8-bit RGB, EXIF orientation
+    applied, with no metadata (text chunks, EXIF, ICC profile) attached. The server applies it at
+    ingest (thumbnails, review, training all see its result) and `load_image` applies it to every
+    file it reads, so the CLI and the server get the same pixels.
+
+    - 16-bit grayscale (I;16*) is scaled from its full range, 0..65535 -> 0..255 (not clipped).
+      32-bit integer images ("I") that hold values in 0..255 are taken as they are, in 0..65535 are
+      scaled as 16-bit; float images ("F") in 0..1 are scaled by 255; anything else is stretched
+      from its own minimum..maximum.
+    - Transparency (RGBA, LA, palette or RGB with a transparent colour) is composited on white.
+    - CMYK, grayscale, 1-bit, palette, YCbCr, LAB, HSV: Pillow's conversion to RGB (embedded ICC
+      profiles are not applied).
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        im = Image.fromarray(_scale_to_uint8(im), "L")
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or _has_transparency(im):
+        out = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        out.alpha_composite(im.convert("RGBA"))
+        out = out.convert("RGB")
+    else:
+        out = im.convert("RGB")  # a new image even when im is RGB already
+    out.info = {}
+    return out
+
+
+def is_rgb8(im: Image.Image) -> bool:
+    """Whether `to_rgb8` keeps the pixels of im as they are: 8-bit RGB, nothing transparent, no
+    EXIF rotation."""
+    return im.mode == "RGB" and not _has_transparency(im) and im.getexif().get(0x0112, 1) not in range(2, 9)
+
+
+def _has_transparency(im: Image.Image) -> bool:
+    has = getattr(im, "has_transparency_data", None)
+    return bool(has) if has is not None else "transparency" in im.info
+
+
+def _scale_to_uint8(im: Image.Image) -> np.ndarray:
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return np.rint(a.astype(np.float32) / 257.0).astype(np.uint8)
+    a = a.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+    if im.mode == "I" and lo >= 0 and hi <= 255:
+        scaled = a
+    elif im.mode == "I" and lo >= 0 and hi <= 65535:
+        scaled = a / 257.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = a * 255.0
+    else:
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """RGB float tensor in [0, 1], CHW, with EXIF orientation applied."""
+    """RGB float tensor in [0, 1], CHW, converted by `to_rgb8` (EXIF orientation applied)."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = to_rgb8(im)
         t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         t = t.view(im.height, im.width, 3).permute(2, 0, 1)
     return t.float().div_(255)
