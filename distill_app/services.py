@@ -61,11 +61,15 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.
 
 
 class RedisServer:
-    """redis-server on 127.0.0.1 with its data in a folder of ours; no persistence needed."""
+    """redis-server on 127.0.0.1 with its data in a folder of ours. With persist, an append-only
+    file there keeps queued messages through a restart (the embedded setup); tests run without."""
 
-    def __init__(self, folder: str | Path | None = None, port: int | None = None):
+    def __init__(self, folder: str | Path | None = None, port: int | None = None, persist: bool = False,
+                 log: str | Path | None = None):
         self.folder = Path(folder or tempfile.mkdtemp(prefix="distill-redis-"))
         self.port = port or free_port()
+        self.persist = persist
+        self.log = Path(log) if log else None
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -75,8 +79,11 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                "--save", "", "--protected-mode", "yes", "--loglevel", "warning"]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if self.log else subprocess.DEVNULL,
+                                     start_new_session=True)
         wait_for_port("127.0.0.1", self.port, proc=self.proc)
         return self
 
