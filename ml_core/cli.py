@@ -49,9 +49,15 @@ def _bar(desc: str, unit: str = "img"):
 
 def _add_train_options(p: argparse.ArgumentParser):
     p.add_argument("--arch", default="fasterrcnn_resnet18_fpn", help="model architecture (see `distill models`)")
-    p.add_argument("--iterations", type=int, default=1000, help="minibatches to train for")
+    p.add_argument("--iterations", type=_iterations, default="auto",
+                   help="minibatches to train for at most; 'auto' sizes the bound from the data and the device")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.02, help="base learning rate (decays x0.1 at 70%% and 90%%)")
+    p.add_argument("--lr", type=float, default=0.02, help="base learning rate")
+    p.add_argument("--schedule", default="auto", choices=["auto", "steps", "plateau"],
+                   help="steps: x0.1 at 70%% and 90%%; plateau: x0.1 when validation AP stops improving, then stop "
+                        "(auto: plateau with a validation set)")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N iterations (0: about 10%% of the time)")
+    p.add_argument("--patience", type=int, default=4, help="evaluations without a new best before the rate drops")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up iterations")
     p.add_argument("--ratio", default="6:4", help="labeled:pseudo images per minibatch (student only)")
     p.add_argument("--min-size", type=int, default=None, help="training shorter side (default: the data's median)")
@@ -62,12 +68,26 @@ def _add_train_options(p: argparse.ArgumentParser):
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
 
 
-def _train_config(args, **over):
+def _iterations(text: str):
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of iterations or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("iterations must be at least 1")
+    return n
+
+
+def _train_config(args, iterations: int | None = None, **over):
+    """iterations=None leaves the bound to be sized from the data (pipeline._sized)."""
     from .engine import TrainConfig
-    iterations = over.pop("iterations", args.iterations)
-    return TrainConfig(iterations=iterations, batch_size=args.batch_size, lr=args.lr, ratio=args.ratio,
-                       warmup_iters=min(args.warmup, max(1, iterations // 4)), num_workers=args.workers,
-                       seed=args.seed, checkpoint_every=max(50, iterations // 10), **over)
+    n = iterations or 1000
+    return TrainConfig(iterations=n, batch_size=args.batch_size, lr=args.lr, ratio=args.ratio,
+                       warmup_iters=args.warmup if iterations is None else min(args.warmup, max(1, n // 4)),
+                       num_workers=args.workers, seed=args.seed, schedule=args.schedule, eval_every=args.eval_every,
+                       patience=args.patience, checkpoint_every=0 if iterations is None else max(50, n // 10), **over)
 
 
 def cmd_models(args):
@@ -103,15 +123,22 @@ def _init_distributed(device: str | None) -> str | None:
 
 def cmd_train(args):
     from . import pipeline
+    from .data import load_coco
+    from .engine import default_iterations
     args.device = _init_distributed(args.device)
-    cfg = _train_config(args)
+    iterations = args.iterations
+    if iterations is None:
+        n = len(load_coco(args.labeled).images) + (len(load_coco(args.pseudo).images) if args.pseudo else 0)
+        iterations = default_iterations(n, args.batch_size, args.device or pipeline.default_device())
+    cfg = _train_config(args, iterations)
     state = pipeline.train(args.labeled, args.images or str(Path(args.labeled).with_suffix("")), args.out,
                            arch=args.arch, config=cfg, pseudo_json=args.pseudo,
                            pseudo_root=args.pseudo_images or (str(Path(args.pseudo).parent / "unlabeled") if args.pseudo else None),
                            teacher=args.teacher, init=args.init, weights=args.weights, min_size=args.min_size,
                            role="student" if args.pseudo else "teacher", device=args.device,
                            hooks=[BarHook("train")] if os.environ.get("RANK", "0") == "0" else [],
-                           skip_invalid=args.skip_invalid, flip=not args.no_flip)
+                           skip_invalid=args.skip_invalid, flip=not args.no_flip, val_json=args.val,
+                           val_root=args.val_images or (str(Path(args.val).with_suffix("")) if args.val else None))
     import torch
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
@@ -119,6 +146,8 @@ def cmd_train(args):
         if rank:
             return
     print(f"saved {args.out} after {state.iteration} iterations, final loss {state.losses.get('loss', float('nan')):.4f}")
+    if state.best:
+        print(f"validation AP: best {state.best['AP']:.2f} at iteration {state.best['iteration']} (saved); {state.stopped}")
 
 
 def cmd_infer(args):
@@ -202,14 +231,20 @@ def cmd_pipeline(args):
     from .evaluation import format_table
     from .transforms import TransformSet
     opts = PipelineOptions(data=args.data, out=args.out, arch=args.arch, transforms=TransformSet.parse(args.scales),
-                           teacher_config=_train_config(args), student_config=_train_config(
-                               args, iterations=int(args.iterations * args.student_schedule)),
+                           teacher_config=_train_config(args, args.iterations),
+                           student_config=_train_config(args, args.student_iterations),
+                           teacher_iterations=args.iterations, student_iterations=args.student_iterations,
                            threshold=args.threshold, init=args.init, device=args.device, min_size=args.min_size,
-                           baselines=args.baselines, num_workers=args.workers)
+                           baselines=args.baselines, num_workers=args.workers, validation=not args.no_validation,
+                           control=not args.no_control, rounds=args.rounds)
     report = run_pipeline(opts, hooks_for=lambda name: [BarHook(name)], progress_for=lambda name: _bar(name))
     key = "keypoints" if "keypoints" in next(iter(report["results"].values())) else "bbox"
     print(f"\n{key} AP on the validation split ({report['val_images']} images):")
     print(format_table({k: v[key] for k, v in report["results"].items()}))
+    for name, t in report["training"].items():
+        if t["best"]:
+            print(f"{name}: {t['iterations']} iterations, best validation AP {t['best']['AP']:.2f} at "
+                  f"{t['best']['iteration']}; {t['stopped']}")
     print(f"pseudo-label threshold {report['threshold']:.3f}; report: {report['report_path']}")
 
 
@@ -241,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="retrain", choices=["retrain", "finetune"])
     s.add_argument("--skip-invalid", action="store_true", help="skip bad COCO entries and report them")
     s.add_argument("--out", required=True, help="checkpoint to write (resumed if it exists)")
+    s.add_argument("--val", help="validation COCO JSON: track AP, keep the best weights, stop on a plateau")
+    s.add_argument("--val-images", help="validation image folder (default: the JSON's name without .json)")
     _add_train_options(s)
     s.set_defaults(func=cmd_train)
 
@@ -292,8 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scales", default="64,96,128,160", help="inference shorter sides, comma-separated")
     s.add_argument("--threshold", default="auto")
     s.add_argument("--init", default="retrain", choices=["retrain", "finetune"])
-    s.add_argument("--student-schedule", type=float, default=1.5, help="student iterations / teacher iterations")
+    s.add_argument("--student-iterations", type=_iterations, default="auto",
+                   help="student bound ('auto': sized from labeled + pseudo-labeled images)")
     s.add_argument("--baselines", action="store_true", help="also train single-view and oracle students")
+    s.add_argument("--no-validation", action="store_true", help="no validation tracking (fixed step schedule)")
+    s.add_argument("--no-control", action="store_true",
+                   help="skip the control (the teacher trained on labels alone for the student's iterations)")
+    s.add_argument("--rounds", type=int, default=1, help="each round's student teaches the next round")
     _add_train_options(s)
     s.set_defaults(func=cmd_pipeline)
     return p

@@ -48,11 +48,13 @@ def train(labeled_json: str, labeled_root: str, out_path: str, *, arch: str, con
           pseudo_json: str | None = None, pseudo_root: str | None = None, teacher: str | None = None,
           init: str = "retrain", weights: str | None = None, min_size: int | None = None, max_size: int | None = None,
           role: str = "teacher", hooks: Iterable[Hook] = (), device: str | None = None, skip_invalid: bool = False,
-          flip: bool = True, resume: bool = True) -> TrainState:
+          flip: bool = True, resume: bool = True, val_json: str | None = None, val_root: str | None = None) -> TrainState:
     """Train a teacher (labeled only) or a student (labeled + pseudo-labels) and save a checkpoint.
 
     A student is retrained from the teacher's own initialisation (same weights file, or the same
-    random seed) unless init='finetune', which starts from the teacher's trained weights.
+    random seed) unless init='finetune', which starts from the teacher's trained weights. With a
+    validation set, COCO AP is tracked during training, the best weights are saved, and the
+    plateau schedule stops once AP has converged (engine.fit).
     """
     if init not in ("retrain", "finetune"):
         raise ValueError(f"unknown student init {init!r}; choose one of: retrain, finetune")
@@ -94,8 +96,29 @@ def train(labeled_json: str, labeled_root: str, out_path: str, *, arch: str, con
                       init=init_desc, init_weights=weights, config=config.to_dict(),
                       student_init=init if role == "student" else None,
                       data={"labeled_images": len(lab_ds), "pseudo_images": len(pse_ds) if pse_ds else 0})
+    validate = validator(val_json, val_root, labeled.categories, schema, device) if val_json else None
     return fit(model, lab_ds, config, pseudo=pse_ds, hooks=list(hooks), device=device, checkpoint_path=out_path,
-               meta=meta, resume=resume)
+               meta=meta, resume=resume, validate=validate)
+
+
+def validator(val_json: str, val_root: str, categories: list[dict], schema: KeypointSchema | None, device: str):
+    """model -> COCO AP on the validation set (box AP, or OKS keypoint AP for keypoint models),
+    single view at the model's own size: what training tracks to find its best weights."""
+    val = load_coco(val_json)
+    if [c["id"] for c in val.categories] != [c["id"] for c in categories]:
+        raise ValueError("the validation set's categories differ from the labeled set's")
+    if not val.images:
+        raise ValueError("the validation set has no images")
+    paths = [str(Path(val_root) / im["file_name"]) for im in val.images]
+    gt, metric = val.to_dict(), ("keypoints" if schema else "bbox")
+
+    def validate(model) -> float:
+        ev = COCOEvaluator(gt, metric, schema.sigmas if schema else None)
+        preds = predict_single_view(model, {"categories": categories}, paths, device=device)
+        for im, p in zip(val.images, preds):
+            ev.process(im["id"], p)
+        return ev.evaluate()["AP"]
+    return validate
 
 
 def predictor_for(checkpoint: str, transforms: TransformSet, options: EnsembleOptions | None = None,
@@ -298,19 +321,39 @@ def load_unlabeled(json_path: str) -> dict:
 
 
 class PipelineOptions:
-    """Everything `run_pipeline` needs; data is a folder laid out as `distill synth` writes it."""
+    """Everything `run_pipeline` needs; data is a folder laid out as `distill synth` writes it.
+
+    A config whose iterations is None takes its bound from the data and the device
+    (engine.default_iterations): the teacher's from the labeled images, each student's from the
+    labeled plus pseudo-labeled images. With validation (the default), every model tracks COCO AP
+    on val.json, keeps its best weights and stops on a plateau.
+    """
 
     def __init__(self, data: str, out: str, arch: str, transforms: TransformSet, teacher_config: TrainConfig,
                  student_config: TrainConfig, threshold: str | float = "auto", init: str = "retrain",
                  device: str | None = None, min_size: int | None = None, baselines: bool = False,
-                 options: EnsembleOptions | None = None, num_workers: int = 2):
+                 options: EnsembleOptions | None = None, num_workers: int = 2, teacher_iterations: int | None = None,
+                 student_iterations: int | None = None, validation: bool = True, control: bool = True,
+                 rounds: int = 1, oracle: bool = True):
         self.data, self.out, self.arch, self.transforms = Path(data), Path(out), arch, transforms
         self.teacher_config, self.student_config = teacher_config, student_config
+        self.teacher_iterations, self.student_iterations = teacher_iterations, student_iterations
         self.threshold, self.init, self.device, self.min_size = threshold, init, device, min_size
         self.baselines, self.options, self.num_workers = baselines, options or EnsembleOptions(), num_workers
+        self.validation, self.control, self.rounds, self.oracle = validation, control, rounds, oracle
+        if rounds < 1:
+            raise ValueError("rounds must be at least 1")
         for name in ("labeled.json", "unlabeled.json", "val.json"):
             if not (self.data / name).is_file():
                 raise ValueError(f"{self.data} has no {name}; write one with `distill synth` or lay yours out alike")
+
+
+def _sized(config: TrainConfig, iterations: int | None, num_images: int, device: str) -> TrainConfig:
+    from dataclasses import replace
+    from .engine import default_iterations
+    n = iterations or default_iterations(num_images, config.batch_size, device)
+    return replace(config, iterations=n, warmup_iters=min(config.warmup_iters, max(1, n // 4)),
+                   checkpoint_every=config.checkpoint_every or max(50, n // 10))
 
 
 def _choose_threshold(threshold, scores, num_images: int, target: float) -> float:
@@ -322,6 +365,14 @@ def _choose_threshold(threshold, scores, num_images: int, target: float) -> floa
 def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lambda name: None) -> dict:
     """Teacher -> multi-transform pseudo-labels -> student, evaluated side by side on val.
 
+    1. The teacher trains on the labeled images (with validation: until its AP converges).
+    2. It predicts every view of the unlabeled images; the ensemble above the threshold (the
+       paper's automatic rule by default) becomes the pseudo-labels.
+    3. The student retrains from the teacher's initialisation on labeled + pseudo-labeled
+       minibatches, its schedule sized to the larger data.
+    4. The control continues the teacher on labels alone for as many iterations as the student
+       got: a gain counts only against the better of teacher and control.
+    5. With rounds > 1, each round's student is the next round's teacher.
     With baselines, also a student on single-view pseudo-labels (same threshold rule) and an
     oracle student on the unlabeled split's true labels (needs unlabeled_gt.json).
     """
@@ -331,53 +382,82 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     labeled = load_coco(d / "labeled.json")
     unlabeled = load_unlabeled(str(d / "unlabeled.json"))
     target = annotated_per_image(labeled)
-    common = dict(arch=o.arch, min_size=o.min_size, device=device)
+    n_labeled = len(_with_annotations(labeled).images)
+    val = dict(val_json=str(d / "val.json"), val_root=str(d / "val")) if o.validation else {}
+    common = dict(arch=o.arch, min_size=o.min_size, device=device, **val)
+    states: dict[str, TrainState] = {}
 
     teacher = str(out / "teacher.pt")
-    train(str(d / "labeled.json"), str(d / "labeled"), teacher, config=o.teacher_config,
-          hooks=hooks_for("teacher"), **common)
+    teacher_cfg = _sized(o.teacher_config, o.teacher_iterations, n_labeled, device)
+    states["teacher"] = train(str(d / "labeled.json"), str(d / "labeled"), teacher, config=teacher_cfg,
+                              hooks=hooks_for("teacher"), **common)
 
     paths = [str(d / "unlabeled" / im["file_name"]) for im in unlabeled["images"]]
     ids = [im["id"] for im in unlabeled["images"]]
-    ensembled: dict[int, list[dict]] = {}
-    for i, pred, _err in infer(teacher, paths, transforms=o.transforms, options=o.options, device=device,
-                              num_workers=o.num_workers, progress=progress_for(f"infer x{len(o.transforms.views)} views")):
-        if pred is not None:
-            ensembled[ids[i]] = pred["ensembled"]
-    scores = [p["score"] for items in ensembled.values() for p in items]
-    t = _choose_threshold(o.threshold, scores, len(ids), target)
-    write_json(out / "pseudo_ensembled.json", pseudo_label_doc(unlabeled, ensembled, t, labeled.categories))
-
-    students = {"student (ensembled)": ("pseudo_ensembled.json", str(out / "student.pt"))}
-    thresholds = {"ensembled": t}
-    quality = {}
-    if o.baselines:
-        model, meta = load_model(teacher, device)
-        single = predict_single_view(model, meta, paths, device=device, progress=progress_for("infer x1 view"))
-        single_by_id = dict(zip(ids, single))
-        ts = _choose_threshold(o.threshold, [p["score"] for items in single for p in items], len(ids), target)
-        thresholds["single_view"] = ts
-        write_json(out / "pseudo_single.json", pseudo_label_doc(unlabeled, single_by_id, ts, labeled.categories))
-        students = {"student (single view)": ("pseudo_single.json", str(out / "student_single.pt")), **students}
-        if (d / "unlabeled_gt.json").is_file():
-            gt = json.loads((d / "unlabeled_gt.json").read_text())
-            write_json(out / "pseudo_oracle.json", gt)
-            students["student (oracle labels)"] = ("pseudo_oracle.json", str(out / "student_oracle.pt"))
-            schema = labeled.keypoint_schema()
-            for name, file in (("single view", "pseudo_single.json"), ("ensembled", "pseudo_ensembled.json")):
-                quality[name] = pseudo_label_quality(json.loads((out / file).read_text()), gt,
-                                                     schema.sigmas if schema else None)
-    for name, (pseudo, ckpt) in students.items():
-        train(str(d / "labeled.json"), str(d / "labeled"), ckpt, config=o.student_config,
-              pseudo_json=str(out / pseudo), pseudo_root=str(d / "unlabeled"), teacher=teacher, init=o.init,
-              role="student", hooks=hooks_for(name), **common)
+    gt = json.loads((d / "unlabeled_gt.json").read_text()) if (d / "unlabeled_gt.json").is_file() else None
+    schema = labeled.keypoint_schema()
+    thresholds, quality, students, rounds = {}, {}, {}, []
+    current = teacher
+    for r in range(1, o.rounds + 1):
+        tag = "" if r == 1 else f" round {r}"
+        pseudo_file = "pseudo_ensembled.json" if r == 1 else f"pseudo_ensembled_r{r}.json"
+        ensembled: dict[int, list[dict]] = {}
+        for i, pred, _err in infer(current, paths, transforms=o.transforms, options=o.options, device=device,
+                                  num_workers=o.num_workers, progress=progress_for(f"infer x{len(o.transforms.views)} views")):
+            if pred is not None:
+                ensembled[ids[i]] = pred["ensembled"]
+        scores = [p["score"] for items in ensembled.values() for p in items]
+        t = _choose_threshold(o.threshold, scores, len(ids), target)
+        doc = pseudo_label_doc(unlabeled, ensembled, t, labeled.categories)
+        write_json(out / pseudo_file, doc)
+        thresholds["ensembled" + tag] = t
+        if gt is not None:
+            quality["ensembled" + tag] = pseudo_label_quality(doc, gt, schema.sigmas if schema else None)
+        n_pseudo = len({a["image_id"] for a in doc["annotations"]})
+        student_cfg = _sized(o.student_config, o.student_iterations, n_labeled + n_pseudo, device)
+        name = f"student (ensembled){tag}"
+        ckpt = str(out / ("student.pt" if r == 1 else f"student_r{r}.pt"))
+        round_students = {name: (pseudo_file, ckpt)}
+        if r == 1 and o.baselines:
+            model, meta = load_model(teacher, device)
+            single = predict_single_view(model, meta, paths, device=device, progress=progress_for("infer x1 view"))
+            ts = _choose_threshold(o.threshold, [p["score"] for items in single for p in items], len(ids), target)
+            thresholds["single_view"] = ts
+            single_doc = pseudo_label_doc(unlabeled, dict(zip(ids, single)), ts, labeled.categories)
+            write_json(out / "pseudo_single.json", single_doc)
+            round_students = {"student (single view)": ("pseudo_single.json", str(out / "student_single.pt")),
+                              **round_students}
+            if gt is not None:
+                quality["single view"] = pseudo_label_quality(single_doc, gt, schema.sigmas if schema else None)
+                if o.oracle:
+                    write_json(out / "pseudo_oracle.json", gt)
+                    round_students["student (oracle labels)"] = ("pseudo_oracle.json", str(out / "student_oracle.pt"))
+        for sname, (pseudo, sckpt) in round_students.items():
+            states[sname] = train(str(d / "labeled.json"), str(d / "labeled"), sckpt, config=student_cfg,
+                                  pseudo_json=str(out / pseudo), pseudo_root=str(d / "unlabeled"), teacher=teacher,
+                                  init=o.init, role="student", hooks=hooks_for(sname), **common)
+        students.update(round_students)
+        if r == 1 and o.control:
+            # The teacher continued on labels alone for the student's iterations: did the pseudo-labels
+            # help, or would more training on the labels have done as well?
+            control = str(out / "control.pt")
+            states["control (teacher + labels only)"] = train(
+                str(d / "labeled.json"), str(d / "labeled"), control, config=student_cfg, teacher=teacher,
+                init="finetune", role="teacher", hooks=hooks_for("control"), **common)
+            students["control (teacher + labels only)"] = (None, control)
+        rounds.append({"round": r, "teacher": current, "student": ckpt, "threshold": t,
+                       "student_iterations": states[name].iteration})
+        current = ckpt
 
     results = {"teacher": evaluate(teacher, str(d / "val.json"), str(d / "val"), device=device)}
     for name, (_, ckpt) in students.items():
         results[name] = evaluate(ckpt, str(d / "val.json"), str(d / "val"), device=device)
-    report = {"arch": o.arch, "device": device, "transforms": o.transforms.to_dict(), "threshold": t,
+    training = {name: {"iterations": st.iteration, "bound": st.config.iterations, "best": st.best,
+                       "stopped": st.stopped, "validation": st.val_history} for name, st in states.items()}
+    report = {"arch": o.arch, "device": device, "transforms": o.transforms.to_dict(), "threshold": thresholds["ensembled"],
               "thresholds": thresholds, "target_per_image": target, "val_images": len(load_coco(d / "val.json").images),
-              "teacher_config": o.teacher_config.to_dict(), "student_config": o.student_config.to_dict(),
-              "student_init": o.init, "results": results, "pseudo_label_quality": quality}
+              "teacher_config": teacher_cfg.to_dict(), "student_config": student_cfg.to_dict(),
+              "student_init": o.init, "results": results, "pseudo_label_quality": quality, "training": training,
+              "rounds": rounds}
     report["report_path"] = write_json(out / "report.json", report)
     return report

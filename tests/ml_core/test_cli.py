@@ -7,13 +7,17 @@ def test_pipeline_end_to_end_on_cpu(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "run"
     assert main(["synth", str(data), "--size", "64", "--labeled", "8", "--unlabeled", "6", "--val", "4"]) == 0
     rc = main(["pipeline", "--data", str(data), "--out", str(out), "--arch", "fasterrcnn_tiny", "--iterations", "3",
-               "--batch-size", "2", "--scales", "48,64", "--workers", "0", "--device", "cpu"])
+               "--student-iterations", "3", "--eval-every", "3", "--rounds", "2", "--batch-size", "2",
+               "--scales", "48,64", "--workers", "0", "--device", "cpu"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "teacher" in printed and "student (ensembled)" in printed
+    assert "teacher" in printed and "student (ensembled)" in printed and "best validation AP" in printed
     report = json.loads((out / "report.json").read_text())
-    assert set(report["results"]) == {"teacher", "student (ensembled)"}
+    assert set(report["results"]) == {"teacher", "student (ensembled)", "control (teacher + labels only)",
+                                      "student (ensembled) round 2"}
     assert "AP" in report["results"]["teacher"]["bbox"]
+    assert [r["round"] for r in report["rounds"]] == [1, 2] and report["rounds"][1]["teacher"].endswith("student.pt")
+    assert report["training"]["teacher"]["validation"][-1]["iteration"] == 3
 
 
 def test_infer_select_evaluate_commands(tmp_path, capsys):

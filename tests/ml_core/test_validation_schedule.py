@@ -1,0 +1,93 @@
+"""Training with validation: AP tracked every N iterations, the best weights kept and saved, the
+plateau schedule dropping the rate and stopping on converged AP; schedule bounds from the data."""
+import pytest
+import torch
+
+from ml_core import pipeline
+from ml_core.checkpoint import read_checkpoint
+from ml_core.data import CocoDetection, load_coco
+from ml_core.engine import TrainConfig, default_iterations, fit
+from ml_core.models import build_model
+from ml_core.serialization import safe_load
+from ml_core.transforms import training_transform
+
+
+class Scripted:
+    """A validation function that returns given AP values in turn and remembers the weights it saw,
+    so the test can check which weights ended in the checkpoint (the schedule logic under test
+    does not care where the AP comes from)."""
+
+    def __init__(self, values):
+        self.values, self.seen = list(values), []
+
+    def __call__(self, model):
+        assert not model.training
+        self.seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return self.values[len(self.seen) - 1] if len(self.seen) <= len(self.values) else self.values[-1]
+
+
+def _dataset(det_data):
+    data = load_coco(det_data / "labeled.json")
+    return CocoDetection(data, str(det_data / "labeled"), training_transform(None, "detection", True), data.label_of())
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"iterations": 40, "batch_size": 2, "lr": 0.01, "warmup_iters": 2, "num_workers": 0,
+                          "log_every": 1, "eval_every": 2, "patience": 2, "steps": (0.7, 0.9), **kw})
+
+
+def test_plateau_drops_the_rate_then_stops_and_keeps_the_best_weights(det_data, tmp_path):
+    torch.manual_seed(0)
+    model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    # evaluations at 2, 4, 6, ...: best at 4; two without gain -> drop; two more -> drop; two more -> stop
+    val = Scripted([5.0, 9.0, 8.0, 8.5, 7.0, 9.05, 6.0, 6.0])
+    state = fit(model, _dataset(det_data), _cfg(), validate=val, checkpoint_path=tmp_path / "m.pt")
+    assert [v["iteration"] for v in state.val_history] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert state.best == {"iteration": 4, "AP": 9.0}  # 9.05 is within min_delta of 9.0: not better
+    assert state.drops == 2 and state.iteration == 16 and "converged" in state.stopped
+    lrs = [v["lr"] for v in state.val_history]
+    assert lrs[3] == pytest.approx(0.01) and lrs[5] == pytest.approx(0.001) and lrs[7] == pytest.approx(0.0001)
+    ck = safe_load(tmp_path / "m.pt")  # fit() alone writes no model metadata
+    for k, v in val.seen[1].items():  # the weights evaluated at iteration 4
+        assert torch.equal(ck["model"][k], v), k
+    assert ck["validation"]["best"]["iteration"] == 4 and len(ck["validation"]["history"]) == 8
+
+
+def test_steps_schedule_with_validation_tracks_without_stopping(det_data):
+    model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    state = fit(model, _dataset(det_data), _cfg(iterations=8, schedule="steps"), validate=Scripted([3.0, 2.0, 1.0, 0.5]))
+    assert state.iteration == 8 and state.drops == 0 and state.best["iteration"] == 2
+    assert state.stopped == "reached the iteration bound"
+
+
+def test_automatic_eval_interval_keeps_evaluation_near_a_tenth(det_data):
+    import time
+
+    def slow(model):
+        time.sleep(0.5)
+        return 1.0
+    model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    state = fit(model, _dataset(det_data), _cfg(iterations=30, eval_every=0, schedule="steps"), validate=slow)
+    assert state.val_history[0]["iteration"] == 10 and state.eval_every >= 10
+
+
+def test_plateau_needs_a_validation_set(det_data):
+    model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="validation set"):
+        fit(model, _dataset(det_data), _cfg(schedule="plateau"))
+
+
+def test_schedule_bound_grows_with_the_data_but_not_per_image():
+    small, large = default_iterations(60, 4, "cpu"), default_iterations(260, 4, "cpu")
+    assert 300 <= small < large <= 4000
+    assert large / small < 260 / 60  # fewer epochs as data grows
+    assert default_iterations(118_000, 16, "cuda") == pytest.approx(90_000, rel=0.05)
+
+
+def test_pipeline_train_with_a_validation_set_saves_the_best(det_data, tmp_path):
+    out = tmp_path / "t.pt"
+    state = pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny",
+                           config=_cfg(iterations=6, eval_every=3), device="cpu",
+                           val_json=str(det_data / "val.json"), val_root=str(det_data / "val"))
+    assert [v["iteration"] for v in state.val_history] == [3, 6] and state.best is not None
+    assert read_checkpoint(out)["validation"]["best"] == state.best
