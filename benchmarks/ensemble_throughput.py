@@ -55,33 +55,37 @@ def agreement(a_boxes, a_scores, b_boxes, b_scores):
     return (m.any(1).sum() + m.any(0).sum()) / (len(a_boxes) + len(b_boxes))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=300)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", default=None, help="also write the figures here")
-    args = ap.parse_args()
-    from ensemble_boxes import nms as eb_nms, weighted_boxes_fusion as eb_wbf
+def measure(images: int = 300, device: str = "cpu", *, eb_nms=None, eb_wbf=None, max_seconds: float | None = None,
+            batch: int = 64) -> dict:
+    """Images/s of every method on the same seeded inputs, agreement and speed-ups.
 
+    eb_nms and eb_wbf are ensemble-boxes' nms and weighted_boxes_fusion; a method left None is left
+    out (with its comparisons). max_seconds caps each method's timing: its images/s then come from
+    the images it reached in that time, and agreement from the images both methods reached.
+    """
     rng = np.random.default_rng(0)
-    data = [make_image(rng) for _ in range(args.images)]
-    dev = torch.device(args.device)
+    data = [make_image(rng) for _ in range(images)]
+    dev = torch.device(device)
     tensors = [(torch.as_tensor(np.concatenate(b), dtype=torch.float32, device=dev),
                 torch.as_tensor(np.concatenate(s), dtype=torch.float32, device=dev),
                 torch.as_tensor(np.concatenate(lab), device=dev)) for b, s, lab in data]
     norm = np.array([W, H, W, H], dtype=np.float64)
+    counted = {}
 
     def timed(fn):
         fn(0)  # warm-up
+        fn.__dict__.get("cache", {}).clear()  # a batched method must not get its first batch free
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        out = [fn(i) for i in range(args.images)]
+        out = []
+        for i in range(images):
+            out.append(fn(i))
+            if max_seconds is not None and time.perf_counter() - t > max_seconds:
+                break
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return args.images / (time.perf_counter() - t), out
-
-    batch = 64
+        return len(out) / (time.perf_counter() - t), out
 
     def batched(method):
         """Images in batches of 64 (as ml_core.tta hands them over); per-image results."""
@@ -96,6 +100,7 @@ def main():
                                                     num_views=8, method=method, score_thresh=0.0, detections_per_img=10 ** 6,
                                                     padded=True)
             return cache[start][i - start]
+        fn.cache = cache
         return fn
 
     ours = {
@@ -105,30 +110,52 @@ def main():
         "distill nms+vote": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms_vote", score_thresh=0.0, detections_per_img=10 ** 6),
         "distill wbf": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="wbf", score_thresh=0.0, wbf_thresh=0.55, detections_per_img=10 ** 6),
     }
-    theirs = {
-        "ensemble-boxes nms": lambda i: eb_nms([b / norm for b in data[i][0]], data[i][1], data[i][2], iou_thr=0.5),
-        "ensemble-boxes wbf": lambda i: eb_wbf([b / norm for b in data[i][0]], data[i][1], data[i][2], iou_thr=0.55, skip_box_thr=0.0),
-    }
+    theirs = {}
+    if eb_nms is not None:
+        theirs["ensemble-boxes nms"] = lambda i: eb_nms([b / norm for b in data[i][0]], data[i][1], data[i][2], iou_thr=0.5)
+    if eb_wbf is not None:
+        theirs["ensemble-boxes wbf"] = lambda i: eb_wbf([b / norm for b in data[i][0]], data[i][1], data[i][2], iou_thr=0.55,
+                                                        skip_box_thr=0.0)
     results, outputs = {}, {}
     for name, fn in {**ours, **theirs}.items():
         ips, out = timed(fn)
         results[name] = round(ips, 1)
         outputs[name] = out
+        counted[name] = len(out)
     agree = {}
     for a, b in (("distill nms", "ensemble-boxes nms"), ("distill nms, padded batch", "ensemble-boxes nms"),
                  ("distill wbf", "ensemble-boxes wbf")):
+        if b not in outputs:
+            continue
         vals = []
         for x, y in zip(outputs[a], outputs[b]):
             vals.append(agreement(x[0].cpu().numpy(), x[1].cpu().numpy(), y[0] * norm, y[1]))
         agree[f"{a} vs {b}"] = round(float(np.mean(vals)), 4)
-    speedup = {"nms": round(results["distill nms"] / results["ensemble-boxes nms"], 1),
-               "nms, padded batch": round(results["distill nms, padded batch"] / results["ensemble-boxes nms"], 1),
-               "nms+vote vs their nms": round(results["distill nms+vote"] / results["ensemble-boxes nms"], 1),
-               "nms+vote padded vs their nms": round(results["distill nms+vote, padded batch"] / results["ensemble-boxes nms"], 1),
-               "wbf": round(results["distill wbf"] / results["ensemble-boxes wbf"], 1)}
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
-              "images": args.images, "input": "8 views x 100 boxes, 3 classes, 640x480", "images_per_second": results,
-              "speedup": speedup, "agreement": agree}
+    speedup = {}
+    for key, a, b, digits in (("nms", "distill nms", "ensemble-boxes nms", 1),
+                              ("nms, padded batch", "distill nms, padded batch", "ensemble-boxes nms", 1),
+                              ("nms+vote vs their nms", "distill nms+vote", "ensemble-boxes nms", 1),
+                              ("nms+vote padded vs their nms", "distill nms+vote, padded batch", "ensemble-boxes nms", 1),
+                              ("wbf", "distill wbf", "ensemble-boxes wbf", 1),
+                              ("padded batch vs per image, nms", "distill nms, padded batch", "distill nms", 2),
+                              ("padded batch vs per image, nms+vote", "distill nms+vote, padded batch", "distill nms+vote", 2)):
+        if a in results and b in results:
+            speedup[key] = round(results[a] / results[b], digits)
+    return {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+            "images": images, "input": "8 views x 100 boxes, 3 classes, 640x480", "images_per_second": results,
+            "images_timed": counted, "speedup": speedup, "agreement": agree}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+    from ensemble_boxes import nms as eb_nms, weighted_boxes_fusion as eb_wbf
+
+    report = measure(args.images, args.device, eb_nms=eb_nms, eb_wbf=eb_wbf)
+    results, speedup, agree = report["images_per_second"], report["speedup"], report["agreement"]
     print(f"box ensembling, {args.images} images of 8 views x 100 boxes ({report['machine']})")
     for k, v in results.items():
         print(f"  {k:<22} {v:>9.1f} images/s")
