@@ -2,7 +2,6 @@
 so one user's objects are invisible (404) to everybody else."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -17,7 +16,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from ml_core.checkpoint import load_model
@@ -32,7 +31,7 @@ from .permissions import owned
 from .serializers import (DatasetSerializer, EvaluationSerializer, ImageSerializer, InferenceRunSerializer,
                           JobSerializer, ModelCheckpointSerializer, ProjectSerializer, PseudoLabelSetSerializer,
                           ReviewSerializer, TrainingRunSerializer)
-from .selection_apply import thresholds_by_category
+from .validation import SafeJSONParser, id_filters, parse_id, parse_thresholds
 
 MESSAGE = inline_serializer("Message", {"message": serializers.CharField()})
 ERRORS = {400: OpenApiResponse(MESSAGE, description="bad input; `message` says what"),
@@ -45,6 +44,11 @@ def _new_job(request, project, kind) -> Job:
     return Job.objects.create(project=project, owner=request.user, kind=kind)
 
 
+def _body(request) -> dict:
+    """The request body when it is a JSON object (or a form); {} for a list, a string, null."""
+    return request.data if hasattr(request.data, "get") else {}
+
+
 class ProjectViewSet(viewsets.ModelViewSet):
     serializer_class = ProjectSerializer
 
@@ -53,6 +57,17 @@ class ProjectViewSet(viewsets.ModelViewSet):
 
     def perform_create(self, serializer):
         serializer.save(owner=self.request.user)
+
+    def perform_destroy(self, instance):
+        """The whole project. The protected links inside it (a run's checkpoint and dataset, a set's
+        run, every object's job) guard against deleting one object alone: remove the objects that
+        hold them first, newest kinds first, then the project with the rest."""
+        if instance.jobs.filter(state__in=(Job.QUEUED, Job.RUNNING)).exists():
+            raise Conflict("jobs of this project are queued or running; cancel them first")
+        with transaction.atomic():
+            for model in (Evaluation, TrainingRun, PseudoLabelSet, InferenceRun):
+                model.objects.filter(project=instance).delete()
+            instance.delete()
 
     @extend_schema(responses={200: OpenApiTypes.OBJECT, **ERRORS})
     @action(detail=True)
@@ -82,14 +97,14 @@ class ProjectViewSet(viewsets.ModelViewSet):
 
 class DatasetViewSet(viewsets.ModelViewSet):
     serializer_class = DatasetSerializer
-    parser_classes = [JSONParser, MultiPartParser, FormParser]
+    parser_classes = [SafeJSONParser, MultiPartParser, FormParser]
 
     def get_queryset(self):
         qs = owned(Dataset.objects.all(), self.request.user).annotate(
             image_count=Count("images", distinct=True), annotation_count=Count("images__annotations")).order_by("created", "id")
-        for f in ("project", "role"):
-            if self.request.query_params.get(f):
-                qs = qs.filter(**{f: self.request.query_params[f]})
+        qs = id_filters(qs, self.request.query_params, ("project",))
+        if self.request.query_params.get("role"):
+            qs = qs.filter(role=self.request.query_params["role"])
         return qs
 
     def perform_destroy(self, instance):
@@ -134,12 +149,12 @@ class DatasetViewSet(viewsets.ModelViewSet):
     @extend_schema(request={"multipart/form-data": inline_serializer("CocoUpload", {
         "file": serializers.FileField(), "skip_invalid": serializers.BooleanField(required=False)}),
         "application/json": OpenApiTypes.OBJECT}, responses={200: OpenApiTypes.OBJECT, **ERRORS})
-    @action(detail=True, methods=["post"], url_path="import-coco", parser_classes=[MultiPartParser, JSONParser])
+    @action(detail=True, methods=["post"], url_path="import-coco", parser_classes=[MultiPartParser, SafeJSONParser])
     def import_coco(self, request, pk=None):
         """COCO JSON annotations for the images already uploaded (matched by file name). All or nothing."""
         ds = self.get_object()
         f = request.FILES.get("file")
-        skip = str(request.data.get("skip_invalid", request.query_params.get("skip_invalid", ""))).lower() in ("1", "true", "yes")
+        skip = str(_body(request).get("skip_invalid", request.query_params.get("skip_invalid", ""))).lower() in ("1", "true", "yes")
         doc = parse_coco_bytes(f.read(), f.name) if f is not None else request.data
         if not isinstance(doc, dict) or "images" not in doc:
             raise BadInput("send a COCO JSON document (as multipart field 'file' or as the JSON body)")
@@ -163,9 +178,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
 
     def get_queryset(self):
         qs = owned(Image.objects.all(), self.request.user, "dataset__project__owner").prefetch_related("annotations")
-        if self.request.query_params.get("dataset"):
-            qs = qs.filter(dataset=self.request.query_params["dataset"])
-        return qs
+        return id_filters(qs, self.request.query_params, ("dataset",))
 
     @extend_schema(parameters=[OpenApiParameter("dataset", int)])
     def list(self, request, *args, **kwargs):
@@ -194,8 +207,7 @@ class ModelCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, m
 
     def get_queryset(self):
         qs = owned(ModelCheckpoint.objects.all(), self.request.user)
-        if self.request.query_params.get("project"):
-            qs = qs.filter(project=self.request.query_params["project"])
+        qs = id_filters(qs, self.request.query_params, ("project",))
         return qs
 
     def perform_destroy(self, instance):
@@ -290,8 +302,7 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
 
     def get_queryset(self):
         qs = owned(InferenceRun.objects.select_related("job", "project"), self.request.user)
-        if self.request.query_params.get("project"):
-            qs = qs.filter(project=self.request.query_params["project"])
+        qs = id_filters(qs, self.request.query_params, ("project",))
         mark_stale_jobs(Job.objects.filter(inference_run__in=qs))
         return qs
 
@@ -345,12 +356,15 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
                 raise BadInput(f"category {p['category']} is not one of the project's")
             qs = qs.extra(where=["(class_mask & %s) != 0"], params=[1 << idx[0]])
         if p.get("image"):
-            qs = qs.filter(image_id=p["image"])
+            qs = qs.filter(image_id=parse_id(p["image"], "image"))
         if p.get("min_score"):
             try:
-                qs = qs.filter(max_score__gte=float(p["min_score"]))
+                min_score = float(p["min_score"])
             except ValueError:
                 raise BadInput("min_score must be a number") from None
+            if not math.isfinite(min_score):
+                raise BadInput("min_score must be a finite number")
+            qs = qs.filter(max_score__gte=min_score)
         review = p.get("review")
         if review == "none":
             qs = qs.exclude(image__reviews__run=run)
@@ -396,20 +410,14 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         run = self.get_object()
         if run.job.state != Job.SUCCEEDED:
             raise Conflict(f"the run is {run.job.state}; statistics come when it has succeeded")
-        th = {"default": run.auto_threshold if run.auto_threshold is not None else 0.5}
+        q = request.query_params
+        kw = {"default": q["threshold"]} if q.get("threshold") is not None else {}
+        th = parse_thresholds(q.get("thresholds"), fallback=run.auto_threshold if run.auto_threshold is not None else 0.5,
+                              **kw)
         try:
-            if request.query_params.get("thresholds"):
-                extra = json.loads(request.query_params["thresholds"])
-                if not isinstance(extra, dict):
-                    raise BadInput("thresholds must be a JSON object")
-                th.update(extra)
-            if request.query_params.get("threshold") is not None:
-                th["default"] = float(request.query_params["threshold"])
-        except (json.JSONDecodeError, TypeError):
-            raise BadInput("thresholds must be JSON like {\"1\": 0.7}") from None
-        except ValueError:
-            raise BadInput("threshold must be a number in [0, 1]") from None
-        return Response(threshold_stats.at(run, thresholds_by_category(th)))
+            return Response(threshold_stats.at(run, th))
+        except FileNotFoundError:
+            raise Conflict("the run's statistics files are missing from the media folder; start a new inference run") from None
 
     @extend_schema(responses={200: OpenApiTypes.OBJECT, 409: MESSAGE})
     @action(detail=True)
@@ -418,7 +426,10 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         run = self.get_object()
         if run.job.state != Job.SUCCEEDED:
             raise Conflict(f"the run is {run.job.state}")
-        return Response(threshold_stats.scores_payload(run))
+        try:
+            return Response(threshold_stats.scores_payload(run))
+        except FileNotFoundError:
+            raise Conflict("the run's statistics files are missing from the media folder; start a new inference run") from None
 
     @extend_schema(request=inline_serializer("BulkAccept", {"threshold": serializers.FloatField(required=False),
                                                             "thresholds": serializers.DictField(required=False)}),
@@ -427,7 +438,8 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
     def bulk_accept(self, request, pk=None):
         """Accept every unreviewed image that has an instance at or above the threshold."""
         run = self.get_object()
-        th = thresholds_by_category({"default": request.data.get("threshold", 0.5), **(request.data.get("thresholds") or {})})
+        body = _body(request)
+        th = parse_thresholds(body.get("thresholds"), **({"default": body["threshold"]} if "threshold" in body else {}))
         reviewed = set(Review.objects.filter(run=run).values_list("image_id", flat=True))
         low = min(th.values())
         new = []
@@ -450,9 +462,9 @@ class ReviewViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Des
 
     def get_queryset(self):
         qs = owned(Review.objects.all(), self.request.user, "run__project__owner")
-        for f in ("run", "image", "state"):
-            if self.request.query_params.get(f):
-                qs = qs.filter(**{f: self.request.query_params[f]})
+        qs = id_filters(qs, self.request.query_params, ("run", "image"))
+        if self.request.query_params.get("state"):
+            qs = qs.filter(state=self.request.query_params["state"])
         return qs.order_by("-updated")
 
     def create(self, request, *args, **kwargs):
@@ -504,8 +516,7 @@ class PseudoLabelSetViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixi
 
     def get_queryset(self):
         qs = owned(PseudoLabelSet.objects.select_related("job"), self.request.user)
-        if self.request.query_params.get("project"):
-            qs = qs.filter(project=self.request.query_params["project"])
+        qs = id_filters(qs, self.request.query_params, ("project",))
         return qs
 
     def perform_create(self, serializer):
@@ -538,17 +549,23 @@ class TrainingRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelMi
 
     def get_queryset(self):
         qs = owned(TrainingRun.objects.select_related("job"), self.request.user)
-        for f in ("project", "role"):
-            if self.request.query_params.get(f):
-                qs = qs.filter(**{f: self.request.query_params[f]})
+        qs = id_filters(qs, self.request.query_params, ("project",))
+        if self.request.query_params.get("role"):
+            qs = qs.filter(role=self.request.query_params["role"])
         mark_stale_jobs(Job.objects.filter(training_run__in=qs))
         return qs
 
     def create(self, request, *args, **kwargs):
         """Launch training. A repeated request_key returns the run it already started (no second run)."""
-        key = str(request.data.get("request_key") or "")
-        if key:
-            existing = self.get_queryset().filter(request_key=key, project=request.data.get("project")).first()
+        body = _body(request)
+        key = body.get("request_key") or ""
+        project = body.get("project")
+        if key and isinstance(key, str) and (isinstance(project, (int, str)) and not isinstance(project, bool)):
+            try:
+                project = parse_id(project, "project")
+            except ValueError:
+                project = None
+            existing = project is not None and self.get_queryset().filter(request_key=key, project=project).first()
             if existing:
                 return Response(self.get_serializer(existing).data, status=status.HTTP_200_OK)
         return super().create(request, *args, **kwargs)
@@ -582,10 +599,7 @@ class EvaluationViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.R
 
     def get_queryset(self):
         qs = owned(Evaluation.objects.select_related("job", "checkpoint"), self.request.user)
-        for f in ("project", "checkpoint", "dataset"):
-            if self.request.query_params.get(f):
-                qs = qs.filter(**{f: self.request.query_params[f]})
-        return qs
+        return id_filters(qs, self.request.query_params, ("project", "checkpoint", "dataset"))
 
     def perform_create(self, serializer):
         ckpt = serializer.validated_data["checkpoint"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import stat
@@ -34,6 +33,7 @@ from PIL import UnidentifiedImageError
 
 from ml_core.data import CocoFormatError, is_rgb8, to_rgb8, validate_coco
 
+from . import validation
 from .models import Annotation, Dataset, Image, Project
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -329,9 +329,77 @@ def parse_coco_bytes(raw: bytes, name: str = "COCO JSON") -> dict:
     if len(raw) > settings.DISTILL_MAX_COCO_BYTES:
         raise IngestError(f"{name} is {len(raw):,} bytes, above the limit of {settings.DISTILL_MAX_COCO_BYTES:,}")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IngestError(f"{name} is not valid JSON ({e})") from None
+        return validation.loads(raw, name)  # no NaN, no RecursionError, bounded nesting
+    except ValueError as e:
+        raise IngestError(str(e)) from None
+
+
+def check_coco_document(doc, skip_invalid: bool = False) -> tuple[dict, list[str]]:
+    """The types of a COCO document, before ml_core's checks compare and hash its values: ids are
+    integers the database holds, file names strings, boxes and keypoints finite numbers, and the
+    categories pass the one category check every path uses (validation.check_categories), even
+    when the document has no image. Returns the document without the entries skip_invalid drops,
+    and what it dropped; without skip_invalid the first bad entry is an IngestError."""
+    if not isinstance(doc, dict):
+        raise IngestError("COCO JSON must be an object with 'images', 'annotations' and 'categories'")
+    try:
+        validation.check_json_value(doc, "COCO JSON")
+    except ValueError as e:
+        raise IngestError(str(e)) from None
+    for key in ("images", "annotations", "categories"):
+        if doc.get(key) is not None and not isinstance(doc[key], list):
+            raise IngestError(f"COCO JSON: '{key}' must be a list")
+    if isinstance(doc.get("categories"), list):
+        try:
+            validation.check_categories(doc["categories"])
+        except ValueError as e:
+            raise IngestError(f"COCO JSON {e}") from None
+    skipped: list[str] = []
+
+    def keep(ok: bool, msg: str) -> bool:
+        if ok:
+            return True
+        if not skip_invalid:
+            raise IngestError(msg)
+        skipped.append(msg)
+        return False
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    images = []
+    for i, im in enumerate(doc.get("images") or []):
+        if not keep(isinstance(im, dict), f"images[{i}] must be an object"):
+            continue
+        if "id" in im and not keep(validation.is_id(im["id"]), f"images[{i}]: id must be a non-negative integer"):
+            continue
+        if "file_name" in im and not keep(isinstance(im["file_name"], str) and 0 < len(im["file_name"]) <= 500,
+                                          f"images[{i}]: file_name must be a string of 1 to 500 characters"):
+            continue
+        if not keep(all(validation.is_id(im[k]) and im[k] < 2 ** 31 for k in ("width", "height") if k in im),
+                    f"images[{i}]: width and height must be positive integers"):
+            continue
+        images.append(im)
+    annotations = []
+    for i, a in enumerate(doc.get("annotations") or []):
+        if not keep(isinstance(a, dict), f"annotations[{i}] must be an object"):
+            continue
+        bad_ids = [k for k in ("id", "image_id", "category_id") if k in a and not validation.is_id(a[k])]
+        if not keep(not bad_ids, f"annotations[{i}]: {', '.join(bad_ids)} must be non-negative integers"):
+            continue
+        if "bbox" in a and not keep(isinstance(a["bbox"], list) and len(a["bbox"]) == 4 and all(map(number, a["bbox"])),
+                                    f"annotations[{i}]: bbox must be [x, y, width, height] numbers"):
+            continue
+        kps = a.get("keypoints")
+        if kps is not None and not keep(isinstance(kps, list) and all(map(number, kps)),
+                                        f"annotations[{i}]: keypoints must be a list of numbers"):
+            continue
+        if not keep(a.get("iscrowd", 0) in (0, 1), f"annotations[{i}]: iscrowd must be 0 or 1"):
+            continue
+        annotations.append(a)
+    if skipped:
+        doc = {**doc, "images": images, "annotations": annotations}
+    return doc, skipped
 
 
 def _image_key(name: str) -> str:
@@ -364,10 +432,12 @@ def import_coco(dataset: Dataset, doc: dict, skip_invalid: bool = False) -> dict
     """
     if dataset.role == "unlabeled":
         raise IngestError("unlabeled datasets take images only; import annotations into a labeled or validation set")
+    doc, skipped = check_coco_document(doc, skip_invalid=skip_invalid)
     try:
         data = validate_coco(doc, skip_invalid=skip_invalid)
-    except (CocoFormatError, ValueError) as e:
+    except (CocoFormatError, ValueError, TypeError) as e:
         raise IngestError(str(e)) from None
+    data.skipped = skipped + data.skipped
     by_name: dict[str, Image] = {}
     for img in Image.objects.filter(dataset=dataset):
         by_name.setdefault(img.file_name, img)

@@ -2,29 +2,88 @@
 exactly what the engine accepts and reports its messages."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from django.conf import settings
+from django.db import models as db_models
 from rest_framework import serializers
 
 from ml_core.engine import TrainConfig
 from ml_core.models import ARCHITECTURES
-from ml_core.schema import KeypointSchema
 from ml_core.transforms import TransformSet
 from ml_core.tta import EnsembleOptions
 
 from .models import (Annotation, Dataset, Evaluation, Image, InferenceRun, Job, ModelCheckpoint, Project,
                      PseudoLabelSet, Review, TrainingRun)
-from .permissions import OwnedRelatedField
-from .selection_apply import thresholds_by_category
+from . import permissions
+from .validation import MAX_ID, SafeJSONField, check_categories, is_id, parse_thresholds
+
+
+def _option_value_ok(value, default) -> bool:
+    """Whether a client's value has the type of the option's default (ints for ints, finite numbers
+    for floats, lists of those for sequences)."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_ID
+    if isinstance(default, float):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and abs(value) <= 1e15)
+    if isinstance(default, str):
+        return isinstance(value, str) and len(value) <= 200
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, list) and len(value) <= 1000 and all(
+            _option_value_ok(v, default[0] if default else None) for v in value)
+    return True
 
 
 def _ml_option(cls, value, what):
+    """An ml_core options dataclass from a client's JSON object: each value must have its
+    option's type; then the class checks ranges and reports its own messages."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise serializers.ValidationError({what: f"{what} must be a JSON object"})
+    for f in dataclasses.fields(cls):
+        if f.name not in value:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if not _option_value_ok(value[f.name], default):
+            kind = type(default).__name__ if not isinstance(default, (list, tuple)) else \
+                f"list of {type(default[0]).__name__ if default else 'value'}"
+            raise serializers.ValidationError({what: f"{what}.{f.name} must be a {kind}"})
     try:
         return cls.from_dict(value)
-    except (ValueError, TypeError) as e:
-        raise serializers.ValidationError(f"bad {what}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+        raise serializers.ValidationError({what: f"bad {what}: {e}"}) from None
 
 
-class JobSerializer(serializers.ModelSerializer):
+class OwnedRelatedField(permissions.OwnedRelatedField):
+    """An id of one of the user's objects; anything that is not an integer id, or one beyond what
+    the database holds, is refused like an id that does not exist (never an overflow)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and data.strip().isascii() and data.strip().isdigit() and len(data.strip()) <= 19:
+            data = int(data.strip())
+        if isinstance(data, int) and not isinstance(data, bool) and not is_id(data):
+            self.fail("does_not_exist", pk_value=data)
+        if not is_id(data):
+            self.fail("incorrect_type", data_type=type(data).__name__)
+        return super().to_internal_value(data)
+
+
+class ModelSerializer(serializers.ModelSerializer):
+    """JSON model fields parse and check their input like request bodies (validation.SafeJSONField)."""
+
+    serializer_field_mapping = {**serializers.ModelSerializer.serializer_field_mapping,
+                                db_models.JSONField: SafeJSONField}
+
+
+class JobSerializer(ModelSerializer):
     class Meta:
         model = Job
         fields = ["id", "kind", "state", "progress", "message", "error", "result", "cancel_requested", "created",
@@ -32,7 +91,7 @@ class JobSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ProjectSerializer(serializers.ModelSerializer):
+class ProjectSerializer(ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
 
     class Meta:
@@ -41,21 +100,10 @@ class ProjectSerializer(serializers.ModelSerializer):
         read_only_fields = ["owner", "created"]
 
     def validate_categories(self, value):
-        if not isinstance(value, list):
-            raise serializers.ValidationError("categories must be a list of {id, name}")
-        ids = set()
-        for i, c in enumerate(value):
-            if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not str(c.get("name", "")).strip():
-                raise serializers.ValidationError(f"categories[{i}] needs an integer id and a name")
-            if c["id"] in ids:
-                raise serializers.ValidationError(f"categories[{i}]: duplicate id {c['id']}")
-            ids.add(c["id"])
-            if c.get("keypoints"):
-                try:
-                    KeypointSchema.from_coco_category(c)
-                except ValueError as e:
-                    raise serializers.ValidationError(f"categories[{i}]: {e}") from None
-        return value
+        try:
+            return check_categories(value)
+        except ValueError as e:
+            raise serializers.ValidationError(str(e)) from None
 
     def validate(self, attrs):
         if self.instance and "categories" in attrs and attrs["categories"] != self.instance.categories:
@@ -64,7 +112,7 @@ class ProjectSerializer(serializers.ModelSerializer):
         return attrs
 
 
-class DatasetSerializer(serializers.ModelSerializer):
+class DatasetSerializer(ModelSerializer):
     project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
     image_count = serializers.IntegerField(read_only=True)
     annotation_count = serializers.IntegerField(read_only=True)
@@ -75,7 +123,7 @@ class DatasetSerializer(serializers.ModelSerializer):
         read_only_fields = ["created"]
 
 
-class ImageSerializer(serializers.ModelSerializer):
+class ImageSerializer(ModelSerializer):
     url = serializers.SerializerMethodField()
     thumbnail_url = serializers.SerializerMethodField()
     annotations = serializers.SerializerMethodField()
@@ -97,7 +145,7 @@ class ImageSerializer(serializers.ModelSerializer):
                 for a in obj.annotations.all()]
 
 
-class ModelCheckpointSerializer(serializers.ModelSerializer):
+class ModelCheckpointSerializer(ModelSerializer):
     project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
     metrics = serializers.SerializerMethodField()
 
@@ -111,14 +159,14 @@ class ModelCheckpointSerializer(serializers.ModelSerializer):
                 for e in obj.evaluations.filter(job__state=Job.SUCCEEDED)]
 
 
-class InferenceRunSerializer(serializers.ModelSerializer):
+class InferenceRunSerializer(ModelSerializer):
     project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
     checkpoint = OwnedRelatedField(queryset=ModelCheckpoint.objects.all())
     dataset = OwnedRelatedField(queryset=Dataset.objects.all())
     validation = OwnedRelatedField(queryset=Dataset.objects.all(), required=False, allow_null=True)
     job = JobSerializer(read_only=True)
-    transforms = serializers.JSONField(required=False)
-    options = serializers.JSONField(required=False)
+    transforms = SafeJSONField(required=False)
+    options = SafeJSONField(required=False)
 
     class Meta:
         model = InferenceRun
@@ -144,9 +192,10 @@ class InferenceRunSerializer(serializers.ModelSerializer):
         return attrs
 
 
-class ReviewSerializer(serializers.ModelSerializer):
+class ReviewSerializer(ModelSerializer):
     run = OwnedRelatedField(queryset=InferenceRun.objects.all())
-    image = serializers.PrimaryKeyRelatedField(queryset=Image.objects.all())
+    # Another user's image is "does not exist", word for word like an id nobody has.
+    image = OwnedRelatedField(queryset=Image.objects.all(), owner_path="dataset__project__owner")
     user = serializers.CharField(source="user.username", read_only=True, default=None)
 
     class Meta:
@@ -167,23 +216,25 @@ class ReviewSerializer(serializers.ModelSerializer):
             cats = {c["id"]: c for c in run.project.categories}
             for i, d in enumerate(inst):
                 b = d.get("bbox") if isinstance(d, dict) else None
-                if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+                if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)
                         and b[2] > 0 and b[3] > 0):
                     raise serializers.ValidationError({"instances": f"instances[{i}]: bbox must be [x, y, w, h] with w, h > 0"})
-                if d.get("category_id") not in cats:
-                    raise serializers.ValidationError({"instances": f"instances[{i}]: unknown category {d.get('category_id')}"})
+                if not is_id(d.get("category_id")) or d["category_id"] not in cats:
+                    raise serializers.ValidationError({"instances": f"instances[{i}]: unknown category {d.get('category_id')!r:.40}"})
                 k = len(cats[d["category_id"]].get("keypoints") or [])
-                if k and (not isinstance(d.get("keypoints"), list) or len(d["keypoints"]) != 3 * k):
-                    raise serializers.ValidationError({"instances": f"instances[{i}]: needs {3 * k} keypoint values"})
+                kp = d.get("keypoints")
+                if k and (not isinstance(kp, list) or len(kp) != 3 * k or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in kp)):
+                    raise serializers.ValidationError({"instances": f"instances[{i}]: needs {3 * k} keypoint numbers"})
         elif inst is not None:
             attrs["instances"] = None
         return attrs
 
 
-class PseudoLabelSetSerializer(serializers.ModelSerializer):
+class PseudoLabelSetSerializer(ModelSerializer):
     run = OwnedRelatedField(queryset=InferenceRun.objects.all())
     job = JobSerializer(read_only=True)
-    thresholds = serializers.JSONField(help_text='{"default": 0.5, "<category id>": 0.7}')
+    thresholds = SafeJSONField(help_text='{"default": 0.5, "<category id>": 0.7}')
 
     class Meta:
         model = PseudoLabelSet
@@ -191,12 +242,8 @@ class PseudoLabelSetSerializer(serializers.ModelSerializer):
         read_only_fields = ["project", "counts", "created"]
 
     def validate_thresholds(self, value):
-        if isinstance(value, (int, float)):
-            value = {"default": value}
-        if not isinstance(value, dict):
-            raise serializers.ValidationError('thresholds must be a number or {"default": t, "<category id>": t}')
         try:
-            return thresholds_by_category(value)
+            return parse_thresholds(value)
         except ValueError as e:
             raise serializers.ValidationError(str(e)) from None
 
@@ -206,14 +253,14 @@ class PseudoLabelSetSerializer(serializers.ModelSerializer):
         return run
 
 
-class TrainingRunSerializer(serializers.ModelSerializer):
+class TrainingRunSerializer(ModelSerializer):
     project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
     labeled = OwnedRelatedField(queryset=Dataset.objects.all())
     validation = OwnedRelatedField(queryset=Dataset.objects.all(), required=False, allow_null=True)
     pseudo_label_set = OwnedRelatedField(queryset=PseudoLabelSet.objects.all(), required=False, allow_null=True)
     teacher = OwnedRelatedField(queryset=ModelCheckpoint.objects.all(), required=False, allow_null=True)
     job = JobSerializer(read_only=True)
-    config = serializers.JSONField(required=False)
+    config = SafeJSONField(required=False)
     arch = serializers.ChoiceField(choices=list(ARCHITECTURES))
     checkpoint = serializers.SerializerMethodField()
 
@@ -256,11 +303,14 @@ class TrainingRunSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError({"init": "retrain or finetune"})
         if attrs.get("init") == "finetune" and teacher is not None and teacher.arch != attrs["arch"]:
             raise serializers.ValidationError({"init": "fine-tuning needs the teacher's architecture"})
-        attrs["config"] = _ml_option(TrainConfig, attrs.get("config"), "config").to_dict()
+        config = _ml_option(TrainConfig, attrs.get("config"), "config").to_dict()
+        if "iterations" not in (attrs.get("config") or {}):
+            config["iterations"] = None  # 'auto': the worker sizes it from the data and its device
+        attrs["config"] = config
         return attrs
 
 
-class EvaluationSerializer(serializers.ModelSerializer):
+class EvaluationSerializer(ModelSerializer):
     checkpoint = OwnedRelatedField(queryset=ModelCheckpoint.objects.all())
     dataset = OwnedRelatedField(queryset=Dataset.objects.all())
     job = JobSerializer(read_only=True)

@@ -113,6 +113,17 @@ DISTILL_INFERENCE_CHUNK = envint("DISTILL_INFERENCE_CHUNK", 64, 1)
 DISTILL_DEVICE = envstr("DISTILL_DEVICE", "")  # "", cpu, cuda, cuda:1
 DISTILL_JOB_STALE_SECONDS = envint("DISTILL_JOB_STALE_SECONDS", 900, 10)
 
+# Logins (API token and form): failed attempts per (client address, username) and per address
+# within the window; past either limit the client waits out the window (HTTP 429).
+DISTILL_LOGIN_FAILURES = envint("DISTILL_LOGIN_FAILURES", 10, 1)
+DISTILL_LOGIN_FAILURES_PER_ADDRESS = envint("DISTILL_LOGIN_FAILURES_PER_ADDRESS", 50, 1)
+DISTILL_LOGIN_WINDOW_SECONDS = envint("DISTILL_LOGIN_WINDOW_SECONDS", 900, 1)
+# The failure counts live in this cache: per process by default; DISTILL_CACHE_URL=redis://... makes
+# several web processes (gunicorn workers) share them.
+if envstr("DISTILL_CACHE_URL"):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": envstr("DISTILL_CACHE_URL")}}
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -123,6 +134,9 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "distill_app.exceptions.handler",
+    # JSON nested too deeply or holding 1e999 is a 400, not a crash (validation.SafeJSONParser).
+    "DEFAULT_PARSER_CLASSES": ["distill_app.validation.SafeJSONParser", "rest_framework.parsers.FormParser",
+                               "rest_framework.parsers.MultiPartParser"],
     "DEFAULT_THROTTLE_RATES": {},
 }
 SPECTACULAR_SETTINGS = {
