@@ -34,8 +34,15 @@ def labeled_instances_per_image(run: InferenceRun) -> float | None:
     return Annotation.objects.filter(image__dataset__in=labeled).count() / n_img
 
 
+def run_image_ids(run: InferenceRun) -> list[int]:
+    """The images the run predicted (not the unlabeled set as it is now: images added since are
+    not the run's)."""
+    return list(Prediction.objects.filter(run=run, validation=False).order_by("image_id")
+                .values_list("image_id", flat=True))
+
+
 def build(run: InferenceRun) -> dict:
-    image_ids = list(Image.objects.filter(dataset=run.dataset).order_by("id").values_list("id", flat=True))
+    image_ids = run_image_ids(run)
     index = {i: n for n, i in enumerate(image_ids)}
     scores, cats, imgs = [], [], []
     per_image_scores = [[] for _ in image_ids]
@@ -87,6 +94,7 @@ def build(run: InferenceRun) -> dict:
     npz, js = _paths(run)
     npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(str(npz) + ".tmp.npz", u_scores=u_scores, u_cats=u_cats, u_img=u_img, n_images=len(image_ids),
+             image_ids=np.asarray(image_ids, np.int64),
              v_scores=v_scores, v_cats=v_cats, v_tp=v_tp, num_gt=np.asarray(sum(num_gt.values())))
     os.replace(str(npz) + ".tmp.npz", npz)
     js.write_text(json.dumps(summary))
@@ -160,7 +168,8 @@ def at(run: InferenceRun, thresholds: dict) -> dict:
 def scores_payload(run: InferenceRun) -> dict:
     """Every ensembled score of the run as flat arrays, for live statistics in the browser."""
     a, summary = load(run)
-    image_ids = list(Image.objects.filter(dataset=run.dataset).order_by("id").values_list("id", flat=True))
+    # the ids the arrays were built over (older files: the run's predicted images)
+    image_ids = a["image_ids"].tolist() if "image_ids" in a else run_image_ids(run)[:int(a["n_images"])]
     return {"image_ids": image_ids, "scores": np.round(a["u_scores"], 5).tolist(), "categories": a["u_cats"].tolist(),
             "image_index": a["u_img"].tolist(),
             "validation": {"scores": np.round(a["v_scores"], 5).tolist(), "categories": a["v_cats"].tolist(),

@@ -93,6 +93,43 @@ const Distill = (() => {
     return `${Math.floor(m / 60)} h ${m % 60} min`;
   }
 
+  /* An in-page confirmation (never window.confirm: it blocks the page and cannot be styled).
+     Resolves true when the user confirms, false on cancel or Esc. */
+  function confirmDialog(message, {ok = "OK", cancel = "Cancel", danger = false} = {}) {
+    return new Promise((resolve) => {
+      const d = h("dialog", {class: "confirm", id: "confirm-dialog", role: "alertdialog"},
+        h("p", {}, message),
+        h("div", {class: "row end"},
+          h("button", {id: "confirm-cancel", onclick: () => d.close("cancel")}, cancel),
+          h("button", {id: "confirm-ok", class: danger ? "danger" : "primary", onclick: () => d.close("ok")}, ok)));
+      d.addEventListener("close", () => { d.remove(); resolve(d.returnValue === "ok"); });
+      document.body.append(d);
+      d.showModal();
+      d.querySelector("#confirm-ok").focus();
+    });
+  }
+
+  /* Seconds left for a running job, from its progress and the time since it started. */
+  function jobEta(job, now = Date.now()) {
+    if (!job || job.state !== "running" || !job.started || !(job.progress > 0.005) || job.progress >= 1) return null;
+    const elapsed = (now - new Date(job.started).getTime()) / 1000;
+    return elapsed > 0 ? elapsed * (1 - job.progress) / job.progress : null;
+  }
+
+  /* What a job's line says: its live message while it runs, never a stale one once it is final. */
+  function jobText(job) {
+    if (!job) return "";
+    if (job.state === "succeeded") {
+      const took = job.started && job.finished ? (new Date(job.finished) - new Date(job.started)) / 1000 : null;
+      return took != null && took >= 0 ? `done in ${fmtSeconds(took)}` : "done";
+    }
+    if (job.state === "failed") return "failed";
+    if (job.state === "cancelled") return "cancelled";
+    if (job.state === "queued") return job.message || "waiting for a worker";
+    const left = jobEta(job);
+    return [job.message || "running", left != null ? `about ${fmtSeconds(left)} left` : "estimating time left"].join(" · ");
+  }
+
   function progressBar(value, label) {
     return h("div", {class: "progress", role: "progressbar", "aria-valuenow": Math.round(value * 100), "aria-valuemin": 0, "aria-valuemax": 100},
       h("div", {class: "bar", style: `width:${(value * 100).toFixed(1)}%`}), h("span", {}, label || `${Math.round(value * 100)}%`));
@@ -130,5 +167,5 @@ const Distill = (() => {
     return drawn;
   }
 
-  return {api, upload, all, h, toast, fail, colorOf, fmtSeconds, progressBar, drawInstances, ApiError};
+  return {api, upload, all, h, toast, fail, colorOf, fmtSeconds, progressBar, drawInstances, ApiError, confirmDialog, jobEta, jobText};
 })();

@@ -1,7 +1,7 @@
 /* The project page: the pipeline as steps, data, teacher, inference, students and evaluation. */
 "use strict";
 (() => {
-  const {api, all, h, fail, toast, progressBar} = Distill;
+  const {api, all, h, fail, toast, progressBar, jobText, confirmDialog} = Distill;
   const app = document.getElementById("app");
   const PID = +app.dataset.project, TASK = app.dataset.task;
   const ARCHS = TASK === "keypoints"
@@ -12,32 +12,45 @@
 
   document.getElementById("arch").replaceChildren(...ARCHS.map((a) => h("option", {value: a}, a)));
 
-  function jobLine(job, link) {
+  // a job's line: live progress and time left while it runs; once final, its outcome (never a stale message)
+  function jobLine(job, link, cancelUrl) {
+    const live = job.state === "running" || job.state === "queued";
     return h("div", {class: "job " + job.state},
-      h("span", {class: "badge " + job.state}, job.state), " ",
-      link || "", job.state === "running" || job.state === "queued" ? progressBar(job.progress, job.message || job.state) : "",
+      h("span", {class: "badge " + job.state}, job.state === "succeeded" ? "done" : job.state), " ",
+      link || "", live ? progressBar(job.progress, `${Math.round(job.progress * 100)}% · ${jobText(job)}`) : h("span", {class: "muted small"}, " " + jobText(job)),
+      live && cancelUrl ? h("button", {class: "link small", onclick: () => cancelJob(cancelUrl)}, "cancel") : "",
       job.error ? h("div", {class: "error"}, job.error) : "");
   }
+  async function cancelJob(url) {
+    if (!(await confirmDialog("Cancel this job? What it has done so far is kept; retry resumes it.", {ok: "Cancel the job", cancel: "Keep running", danger: true}))) return;
+    try { await api(url, {method: "POST"}); toast("cancelling"); refresh(); } catch (e) { fail(e); }
+  }
 
+  // The validation set is preselected wherever the project has one; a choice the user made stays.
   function fillSelect(sel, items, label, allowEmpty) {
     const keep = sel.value;
     sel.replaceChildren(...(allowEmpty ? [h("option", {value: ""}, "none")] : []), ...items.map((i) => h("option", {value: i.id}, label(i))));
-    if ([...sel.options].some((o) => o.value === keep)) sel.value = keep;
+    if (sel.dataset.touched && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
+    else if (allowEmpty && items.length) sel.value = String(items[0].id);
+    else if ([...sel.options].some((o) => o.value === keep)) sel.value = keep;
   }
+  document.querySelectorAll("select").forEach((s) => s.addEventListener("change", () => (s.dataset.touched = "1")));
 
   async function renderSteps(p) {
-    const st = (o) => (o ? o.state : "todo");
+    // one word for a finished step ("done", never "succeeded"); each step links to where it is done
+    const st = (o) => (!o ? "todo" : o.state === "succeeded" ? "done" : o.state);
+    const review = p.inference && p.inference.state === "succeeded" && p.inference.id ? `/runs/${p.inference.id}/review/` : "#infer-card";
     const steps = [
-      ["Labeled data", p.datasets.labeled.some((d) => d.n) ? "done" : "todo"],
-      ["Teacher", p.teacher_checkpoints.length ? "done" : st(p.teacher)],
-      ["Unlabeled data", p.datasets.unlabeled.some((d) => d.n) ? "done" : "todo"],
-      ["Inference", st(p.inference)],
-      ["Review", p.reviews ? `${p.reviews} reviewed` : "todo"],
-      ["Student", st(p.student)],
-      ["Evaluation", p.evaluations.some((e) => e.checkpoint_role === "student" && e.job.state === "succeeded") ? "done" : "todo"],
+      ["Labeled data", p.datasets.labeled.some((d) => d.n) ? "done" : "todo", "#datasets-card"],
+      ["Teacher", p.teacher_checkpoints.length ? "done" : st(p.teacher), "#teacher-card"],
+      ["Unlabeled data", p.datasets.unlabeled.some((d) => d.n) ? "done" : "todo", "#datasets-card"],
+      ["Inference", st(p.inference), "#infer-card"],
+      ["Review", p.reviews ? `${p.reviews} reviewed` : "todo", review],
+      ["Student", st(p.student), "#students-card"],
+      ["Evaluation", p.evaluations.some((e) => e.checkpoint_role === "student" && e.job.state === "succeeded") ? "done" : "todo", "#students-card"],
     ];
-    document.getElementById("steps").replaceChildren(...steps.map(([name, s], i) =>
-      h("li", {class: "step " + s.split(" ")[0]}, h("span", {class: "n"}, i + 1), h("b", {}, name), h("small", {}, s))));
+    document.getElementById("steps").replaceChildren(...steps.map(([name, s, href], i) =>
+      h("li", {}, h("a", {class: "step " + s.split(" ")[0], href}, h("span", {class: "n"}, i + 1), h("b", {}, name), h("small", {}, s)))));
   }
 
   // Dataset cards are built once and kept: polling only updates their counts, so an upload's
@@ -60,8 +73,10 @@
     return card;
   }
 
+  const datasetsById = new Map();
   async function renderDatasets() {
     const ds = await all(`/api/datasets/?project=${PID}`);
+    for (const d of ds) datasetsById.set(d.id, d);
     const box = document.getElementById("datasets");
     for (const d of ds) {
       if (!cards.has(d.id)) { cards.set(d.id, datasetCard(d)); box.append(cards.get(d.id)); }
@@ -80,18 +95,25 @@
       all(`/api/inference-runs/?project=${PID}`), all(`/api/evaluations/?project=${PID}`)]);
     fillSelect(document.getElementById("ckpt-select"), ckpts.filter((c) => c.role === "teacher"), (c) => `${c.name} · ${c.arch}`);
     document.getElementById("teacher-runs").replaceChildren(...runs.filter((r) => r.role === "teacher").map((r) =>
-      jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `teacher run #${r.id} · ${r.arch}`))));
+      jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `teacher run #${r.id} · ${r.arch}`), `/api/training-runs/${r.id}/cancel/`)));
     document.getElementById("infer-runs").replaceChildren(...infer.map((r) =>
-      jobLine(r.job, h("span", {}, `run #${r.id}: ${r.view_names.length} views`, r.job.state === "succeeded"
-        ? h("a", {class: "button", href: `/runs/${r.id}/review/`}, "Review pseudo-labels") : ""))));
-    document.getElementById("student-runs").replaceChildren(...runs.filter((r) => r.role === "student").map((r) =>
-      jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `student run #${r.id} · ${r.init}`))));
+      jobLine(r.job, h("span", {}, `run #${r.id}: ${r.view_names.length} views `, r.job.state === "succeeded"
+        ? h("a", {class: "button", href: `/runs/${r.id}/review/`}, "Review pseudo-labels") : ""), `/api/inference-runs/${r.id}/cancel/`)));
+    const students = runs.filter((r) => r.role === "student");
+    document.getElementById("student-runs").replaceChildren(...(students.length ? students.map((r) =>
+      jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `student run #${r.id} · ${r.init}`), `/api/training-runs/${r.id}/cancel/`))
+      : [h("p", {class: "empty-note", id: "no-students"}, infer.some((r) => r.job.state === "succeeded")
+        ? "No student yet: review the pseudo-labels of an inference run, then train a student from the review screen."
+        : "No student yet: train a teacher and run inference on the unlabeled set first.")]));
     const name = (id) => { const c = ckpts.find((k) => k.id === id); return c ? c.name : `model ${id}`; };
+    const dsName = (id) => { const d = datasetsById.get(id); return d ? d.name : `dataset ${id}`; };
     const done = evals.filter((e) => e.job.state === "succeeded");
     const kind = TASK === "keypoints" ? "keypoints" : "bbox";
+    document.getElementById("evals").hidden = !done.length;
+    document.getElementById("ap-chart").parentNode.hidden = !done.length;
     document.querySelector("#evals tbody").replaceChildren(...done.map((e) => {
       const s = e.stats[kind] || {};
-      return h("tr", {}, h("td", {}, name(e.checkpoint)), h("td", {}, e.dataset), h("td", {}, (s.AP ?? 0).toFixed(2)),
+      return h("tr", {}, h("td", {}, name(e.checkpoint)), h("td", {}, dsName(e.dataset)), h("td", {}, (s.AP ?? 0).toFixed(2)),
         h("td", {}, (s.AP50 ?? 0).toFixed(2)), h("td", {}, (s.AP75 ?? 0).toFixed(2)));
     }));
     if (done.length && window.Chart) {
@@ -108,6 +130,7 @@
   async function refresh() {
     try {
       const [p] = await Promise.all([api(`/api/projects/${PID}/pipeline/`), renderDatasets()]);
+      app.dataset.ready = "1";
       renderSteps(p);
       const busy = await renderRuns();
       clearTimeout(refresh._t);

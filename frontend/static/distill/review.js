@@ -1,9 +1,13 @@
 /* The review screen. Statistics and overlays are recomputed in the browser from flat score arrays
    on every slider movement (no round trip); images stream in by page as the grid scrolls; edits
-   are stored as reviews through the API and never touch the raw predictions. */
+   are stored as reviews through the API and never touch the raw predictions.
+
+   One source of truth for the thresholds in force: state.global and state.classT (per class, used
+   when state.perClass). Every slider, the statistics, the histogram's lines, the precision/recall
+   markers, the overlays, the filters and the URL read them from there. */
 "use strict";
 (() => {
-  const {api, h, fail, toast, colorOf, drawInstances} = Distill;
+  const {api, h, fail, toast, colorOf, drawInstances, confirmDialog} = Distill;
   const root = document.getElementById("review");
   const RUN = +root.dataset.run, PID = +root.dataset.project;
   const TILE = 180, GAP = 8, PAGE = 200;
@@ -15,11 +19,14 @@
   const state = {
     run: null, project: null, cats: [], global: 0.5, perClass: false, classT: {},
     S: null, C: null, I: null, nImages: 0, val: null, labeledPerImage: null,
-    items: [], total: 0, loading: new Set(), order: "agreement", category: "", review: "",
+    items: [], total: 0, loading: new Set(),
+    // filters (kept in the URL with the thresholds)
+    order: "agreement", category: "", review: "", smin: "", smax: "", kmin: "", kmax: "", agree: "",
   };
   let hist = null, pr = null;
 
   const thresholdOf = (cat) => (state.perClass && state.classT[cat] !== undefined ? state.classT[cat] : state.global);
+  const uniform = () => !state.perClass || state.cats.every((c) => thresholdOf(c.id) === state.global);
 
   /* ---- statistics, computed here from typed arrays ---- */
   let stamp = 0, seen = null;
@@ -58,8 +65,11 @@
     drawMarkers(s);
   }
 
-  /* The threshold line and the current precision/recall point live on canvases laid over the
-     charts, so a slider movement repaints two thin overlays instead of re-rendering the charts. */
+  /* The threshold lines and the current precision/recall live on canvases laid over the charts,
+     so a slider movement repaints two thin overlays instead of re-rendering the charts. With one
+     threshold for all classes: one red line, and the precision/recall dots on their curves at it.
+     With per-class thresholds: one line per class in its colour, and precision/recall (which no
+     single-threshold curve holds) as levels across the chart. What was drawn: __distillMarkers. */
   function overlayFor(chart) {
     const c = chart.canvas, o = h("canvas", {class: "chart-overlay", width: c.width, height: c.height,
       style: `position:absolute;left:0;top:0;width:${c.style.width};height:${c.style.height};pointer-events:none`});
@@ -67,24 +77,43 @@
     return o;
   }
   let histOverlay = null, prOverlay = null;
+  const markers = (window.__distillMarkers = {hist: [], pr: null});
   function drawMarkers(s) {
     const dpr = window.devicePixelRatio || 1;
+    const one = uniform();
     if (hist) {
       histOverlay = histOverlay || overlayFor(hist);
       const ctx = histOverlay.getContext("2d"), x = hist.scales.x, y = hist.scales.y;
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
       ctx.clearRect(0, 0, histOverlay.width, histOverlay.height);
-      const px = x.left + (x.right - x.left) * state.global;
-      ctx.strokeStyle = "#d00"; ctx.lineWidth = 2; ctx.beginPath(); ctx.moveTo(px, y.top); ctx.lineTo(px, y.bottom); ctx.stroke();
+      const lines = one ? [{t: state.global, color: "#d00"}] : state.cats.map((c) => ({cat: c.id, t: thresholdOf(c.id), color: colorOf(state.cats, c.id)}));
+      ctx.lineWidth = 2;
+      for (const l of lines) {
+        const px = x.left + (x.right - x.left) * l.t;
+        ctx.strokeStyle = l.color; ctx.beginPath(); ctx.moveTo(px, y.top); ctx.lineTo(px, y.bottom); ctx.stroke();
+      }
+      markers.hist = lines.map(({cat, t}) => ({cat, t}));
     }
     if (pr && s.precision != null) {
       prOverlay = prOverlay || overlayFor(pr);
       const ctx = prOverlay.getContext("2d"), x = pr.scales.x, y = pr.scales.y;
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
       ctx.clearRect(0, 0, prOverlay.width, prOverlay.height);
-      ctx.fillStyle = "#d00";
-      for (const v of [s.precision, s.recall]) {
-        ctx.beginPath(); ctx.arc(x.getPixelForValue(state.global), y.getPixelForValue(v * 100), 4, 0, 2 * Math.PI); ctx.fill();
+      ctx.fillStyle = ctx.strokeStyle = "#d00";
+      if (one) {
+        for (const v of [s.precision, s.recall]) {
+          ctx.beginPath(); ctx.arc(x.getPixelForValue(state.global), y.getPixelForValue(v * 100), 4, 0, 2 * Math.PI); ctx.fill();
+        }
+        markers.pr = {mode: "dots", x: state.global, precision: s.precision, recall: s.recall};
+      } else {
+        ctx.setLineDash([5, 3]); ctx.lineWidth = 1.5;
+        for (const v of [s.precision, s.recall]) {
+          const py = y.getPixelForValue(v * 100);
+          ctx.beginPath(); ctx.moveTo(x.left, py); ctx.lineTo(x.right, py); ctx.stroke();
+        }
+        ctx.setLineDash([]);
+        ctx.font = "11px system-ui"; ctx.fillText("per-class thresholds", x.left + 4, y.top + 12);
+        markers.pr = {mode: "levels", precision: s.precision, recall: s.recall};
       }
     }
   }
@@ -111,7 +140,7 @@
     hist = new Chart($("hist"), {type: "bar", data: {labels, datasets}, plugins: [thresholdLine],
       options: {animation: false, responsive: true, maintainAspectRatio: false,
         plugins: {thresholdLine: {auto: state.run.auto_threshold}, legend: {labels: {boxWidth: 10}},
-          title: {display: true, text: "ensembled scores (red: threshold, green: automatic)"}},
+          title: {display: true, text: "ensembled scores (lines: thresholds, green: automatic)"}},
         scales: {x: {stacked: true, ticks: {maxTicksLimit: 6}}, y: {stacked: true}}}});
     const v = summary.validation;
     if (v) {
@@ -144,15 +173,66 @@
     sec.hidden = false;
   }
 
+  /* ---- the URL keeps the filters and the thresholds, so a view can be shared and reloaded ---- */
+  const FILTERS = ["order", "category", "review", "smin", "smax", "kmin", "kmax", "agree"];
+  function saveUrl() {
+    const q = new URLSearchParams();
+    q.set("t", state.global.toFixed(3));
+    if (state.perClass) q.set("pc", state.cats.map((c) => `${c.id}:${thresholdOf(c.id).toFixed(3)}`).join(","));
+    for (const k of FILTERS) if (state[k] !== "" && !(k === "order" && state[k] === "agreement")) q.set(k, state[k]);
+    history.replaceState(null, "", `${location.pathname}?${q}${location.hash}`);
+  }
+  function readUrl() {
+    const q = new URLSearchParams(location.search);
+    const t = parseFloat(q.get("t"));
+    if (Number.isFinite(t) && t >= 0 && t <= 1) state.global = t;
+    for (const c of state.cats) state.classT[c.id] = state.global;
+    if (q.get("pc")) {
+      state.perClass = true;
+      for (const part of q.get("pc").split(",")) {
+        const [id, v] = part.split(":"), x = parseFloat(v);
+        if (state.classT[id] !== undefined && Number.isFinite(x) && x >= 0 && x <= 1) state.classT[id] = x;
+      }
+    }
+    for (const k of FILTERS) if (q.get(k) != null) state[k] = q.get(k);
+  }
+  function showFilters() {
+    $("ordering").value = state.order; $("filter-category").value = state.category; $("filter-review").value = state.review;
+    $("filter-smin").value = state.smin; $("filter-smax").value = state.smax; $("filter-kmin").value = state.kmin;
+    $("filter-kmax").value = state.kmax; $("filter-agree").value = state.agree;
+  }
+
   /* ---- grid: virtual scrolling over all images, pages fetched on demand ---- */
   const grid = $("grid"), inner = $("grid-inner");
   const tiles = new Map();  // index -> element
+  // filters that depend on the thresholds in force are asked of the server again when they change
+  const thresholdFiltered = () => !!(state.category || state.kmin !== "" || state.kmax !== "");
 
   function query(page) {
-    const q = new URLSearchParams({page, page_size: PAGE, ordering: state.order, views: "false"});
-    if (state.category) q.set("category", state.category);
+    const q = new URLSearchParams({page, page_size: PAGE, ordering: state.order, views: "false", compact: "1"});
+    if (state.category) {
+      q.set("category", state.category);
+      q.set("min_score", state.smin !== "" ? Math.max(+state.smin, thresholdOf(+state.category)) : thresholdOf(+state.category));
+    } else if (state.smin !== "") q.set("min_score", state.smin);
+    if (state.smax !== "") q.set("max_score", state.smax);
     if (state.review) q.set("review", state.review);
+    if (state.agree !== "") q.set("max_agreement", state.agree);
+    if (state.kmin !== "" || state.kmax !== "") {
+      q.set("thresholds", JSON.stringify(currentThresholds()));
+      if (state.kmin !== "") q.set("kept_min", state.kmin);
+      if (state.kmax !== "") q.set("kept_max", state.kmax);
+    }
     return `/api/inference-runs/${RUN}/predictions/?${q}`;
+  }
+
+  // compact rows: [x, y, w, h, score, category_id, keypoints?] -> the objects the drawing code takes
+  const expand = (list) => list.map((d) => (Array.isArray(d)
+    ? {bbox: [d[0], d[1], d[2], d[3]], score: d[4], category_id: d[5], ...(d[6] ? {keypoints: d[6]} : {})} : d));
+  function expandRow(r) {
+    r.ensembled = expand(r.ensembled);
+    r.url = r.url || `/api/images/${r.image}/file/`;
+    r.thumbnail_url = r.thumbnail_url || `/api/images/${r.image}/thumbnail/`;
+    return r;
   }
 
   async function loadPage(page) {
@@ -163,7 +243,7 @@
       const d = await api(query(page));
       if (gen !== state.gen) return;
       state.total = d.count;
-      d.results.forEach((r, k) => (state.items[(page - 1) * PAGE + k] = r));
+      d.results.forEach((r, k) => (state.items[(page - 1) * PAGE + k] = expandRow(r)));
       layout();
     } catch (e) { fail(e); }
   }
@@ -218,14 +298,17 @@
     return {list: item.ensembled};
   }
 
+  // with a class filter, tiles draw that class alone
+  const shownOnTile = (cat) => !state.category || cat === +state.category;
   function drawTile(t) {
     const item = t._item, ctx = t._canvas.getContext("2d");
     ctx.clearRect(0, 0, t._canvas.width, t._canvas.height);
     const {list, edited, rejected} = tileInstances(item);
-    const n = drawInstances(ctx, list, state.cats, t._s, {threshold: edited ? () => 0 : thresholdOf, lineWidth: 1.5});
+    const th = edited ? (c) => (shownOnTile(c) ? 0 : Infinity) : (c) => (shownOnTile(c) ? thresholdOf(c) : Infinity);
+    const n = drawInstances(ctx, edited ? list.map((d) => ({...d, score: d.score ?? 1})) : list, state.cats, t._s, {threshold: th, lineWidth: 1.5});
     t.dataset.drawn = n;
     t.classList.toggle("rejected", !!rejected);
-    t.classList.toggle("accepted", item.review && item.review.state === "accepted");
+    t.classList.toggle("accepted", !!(item.review && item.review.state === "accepted"));
     t.classList.toggle("edited", !!edited);
   }
 
@@ -236,12 +319,14 @@
     state.items = []; state.total = 0; state.loading.clear();
     for (const t of tiles.values()) t.remove();
     tiles.clear(); grid.scrollTop = 0;
+    saveUrl();
     loadPage(1);
   }
 
   /* ---- thresholds ---- */
   /* Redraw synchronously in the input handler: the statistics over every score and the visible
      overlays take a few milliseconds, and Chromium delivers slider input at most once a frame. */
+  let refilter = null;
   function onThresholdChange() {
     const t0 = performance.now();
     const st = computeStats();
@@ -254,148 +339,264 @@
     timings.push(d - t0);
     breakdown.push({stats: b - t0, panel: c - b, tiles: d - c});
     root.dataset.updates = String(timings.length);
+    clearTimeout(refilter);
+    refilter = setTimeout(() => (thresholdFiltered() ? resetGrid() : saveUrl()), 300);
   }
 
-  $("threshold").addEventListener("input", (e) => { state.global = +e.target.value; onThresholdChange(); });
+  const classInputs = {};
+  function showThresholds() {
+    $("threshold").value = state.global; $("threshold-value").textContent = state.global.toFixed(3);
+    $("per-class").checked = state.perClass; $("class-sliders").hidden = !state.perClass;
+    for (const c of state.cats) {
+      const {input, out} = classInputs[c.id];
+      input.value = state.classT[c.id]; out.textContent = state.classT[c.id].toFixed(3);
+    }
+  }
+
+  $("threshold").addEventListener("input", (e) => {
+    state.global = +e.target.value;
+    // in per-class mode the global slider moves every class with it
+    if (state.perClass) for (const c of state.cats) { state.classT[c.id] = state.global; classInputs[c.id].input.value = state.global; classInputs[c.id].out.textContent = state.global.toFixed(3); }
+    onThresholdChange();
+  });
   $("use-auto").addEventListener("click", () => {
     if (state.run.auto_threshold == null) return toast("no automatic threshold: the project has no labeled set", "error");
-    state.global = state.run.auto_threshold; $("threshold").value = state.global; onThresholdChange();
+    state.global = state.run.auto_threshold;
+    for (const c of state.cats) state.classT[c.id] = state.global;
+    showThresholds(); onThresholdChange();
   });
   $("per-class").addEventListener("change", (e) => {
-    state.perClass = e.target.checked; $("class-sliders").hidden = !state.perClass; onThresholdChange();
+    // per-class thresholds start where the global one is now
+    state.perClass = e.target.checked;
+    for (const c of state.cats) state.classT[c.id] = state.global;
+    showThresholds(); onThresholdChange();
   });
 
   function buildClassSliders() {
     $("class-sliders").replaceChildren(...state.cats.map((c) => {
-      state.classT[c.id] = state.global;
-      const out = h("output", {}, state.global.toFixed(2));
+      const out = h("output", {}, state.global.toFixed(3));
       const input = h("input", {type: "range", min: 0, max: 1, step: 0.001, value: state.global, "aria-label": `threshold for ${c.name}`,
+        "data-category": c.id,
         oninput: (e) => { state.classT[c.id] = +e.target.value; out.textContent = (+e.target.value).toFixed(3); onThresholdChange(); }});
+      classInputs[c.id] = {input, out};
       return h("div", {class: "slider-row"}, h("span", {class: "swatch", style: `background:${colorOf(state.cats, c.id)}`}), h("span", {class: "cname"}, c.name), input, out);
     }));
     $("filter-category").append(...state.cats.map((c) => h("option", {value: c.id}, c.name)));
+    // the legend of the per-view colours in the detail view
   }
 
   function currentThresholds() {
     const t = {default: state.global};
-    if (state.perClass) for (const [k, v] of Object.entries(state.classT)) t[k] = v;
+    if (state.perClass) for (const c of state.cats) t[c.id] = thresholdOf(c.id);
     return t;
   }
 
   /* ---- detail: compare views, edit, review ---- */
   const dlg = $("detail"), editor = $("editor");
-  const D = {index: -1, item: null, views: null, instances: [], selected: -1, undo: [], mode: null, drag: null, scale: 1, img: null};
+  const VIEW_COLORS = ["#ff0", "#0ff", "#f0f", "#fff", "#fa0", "#0fa", "#a0f", "#aaa"];
+  const D = {index: -1, item: null, views: null, instances: [], candidates: [], selected: -1, undo: [], mode: null, drag: null,
+    scale: 1, zoom: 1, panX: 0, panY: 0, img: null, dirty: false};
   const draftKey = (imageId) => `distill-draft-${RUN}-${imageId}`;
+  window.__distillEditor = D;  // read by the browser tests
+
+  function setDirty(v) {
+    D.dirty = v;
+    $("detail-unsaved").hidden = !v;
+    dlg.dataset.dirty = v ? "1" : "";
+  }
 
   async function openDetail(i) {
     const item = state.items[i];
     if (!item) return;
-    D.index = i; D.item = item; D.selected = -1; D.undo = []; D.mode = null;
+    D.index = i; D.item = item; D.selected = -1; D.undo = []; D.mode = null; D.zoom = 1; D.panX = D.panY = 0;
     const full = await api(`/api/inference-runs/${RUN}/predictions/?image=${item.image}&views=true`).catch(fail);
     if (!full) return;
     const rec = full.results[0];
     Object.assign(item, {review: rec.review});
     D.views = rec.views || {};
-    const {list, edited} = tileInstances(item);
-    D.instances = JSON.parse(JSON.stringify(edited ? list : list.filter((d) => d.score >= thresholdOf(d.category_id))));
-    const draft = localStorage.getItem(draftKey(item.image));
-    $("draft-note").textContent = "";
-    if (draft) { D.instances = JSON.parse(draft); $("draft-note").textContent = "Unsaved edits restored from this browser — save (s) to keep them."; }
-    $("detail-title").textContent = item.file_name;
+    loadInstances();
+    $("detail-title").textContent = `${item.file_name} (${i + 1}/${state.total})`;
     $("detail-agreement").textContent = `agreement ${item.agreement.toFixed(2)}`;
-    $("detail-review").textContent = item.review ? item.review.state : "not reviewed";
+    showReviewBadge();
+    $("view-legend").replaceChildren(...Object.keys(D.views).map((v, k) =>
+      h("span", {class: "legend-item"}, h("span", {class: "swatch", style: `background:${VIEW_COLORS[k % 8]}`}), v)));
+    $("btn-prev").disabled = i <= 0; $("btn-next").disabled = i >= state.total - 1;
     D.img = new Image();
     D.img.onload = () => { sizeEditor(); drawEditor(); renderViews(); };
     D.img.src = item.url;
-    $("box-class").replaceChildren(...state.cats.map((c) => h("option", {value: c.id}, c.name)));
+    $("box-class").replaceChildren(...state.cats.map((c, k) => h("option", {value: c.id}, `${k < 9 ? k + 1 + " " : ""}${c.name}`)));
     if (!dlg.open) dlg.showModal();
+    // the keyboard loop (open -> a/r -> next) works from the first key: focus on the image, not a control
+    editor.focus({preventScroll: true});
+  }
+
+  function showReviewBadge() {
+    const r = D.item.review;
+    $("detail-review").textContent = r ? (r.state === "edited" ? "edited (saved)" : r.state) : "not reviewed";
+    $("detail-review").className = "badge " + (r ? r.state : "");
+  }
+
+  // what the editor starts from: the saved edit, or the kept ensembled instances; the rest are
+  // candidates (drawn faint) that can be accepted one by one
+  function loadInstances() {
+    const item = D.item;
+    const {list, edited} = tileInstances(item);
+    const above = (d) => d.score >= thresholdOf(d.category_id);
+    D.instances = JSON.parse(JSON.stringify(edited ? list : list.filter(above)));
+    D.candidates = edited ? [] : JSON.parse(JSON.stringify(item.ensembled.filter((d) => !above(d))));
+    D.selected = -1; D.undo = [];
+    const draft = localStorage.getItem(draftKey(item.image));
+    $("draft-note").textContent = "";
+    setDirty(false);
+    if (draft) {
+      D.instances = JSON.parse(draft); setDirty(true);
+      $("draft-note").textContent = "Unsaved edits restored from this browser — save (s) to keep them.";
+    }
   }
 
   function sizeEditor() {
-    const maxW = Math.min(720, window.innerWidth * 0.55), maxH = window.innerHeight - 160;
+    const maxW = Math.min(720, window.innerWidth * 0.55), maxH = window.innerHeight - 190;
     D.scale = Math.min(maxW / D.item.width, maxH / D.item.height);
     editor.width = Math.round(D.item.width * D.scale); editor.height = Math.round(D.item.height * D.scale);
   }
 
+  /* Zoom and pan: the view is image -> canvas: x * scale * zoom + pan. */
+  const k = () => D.scale * D.zoom;
+  const toImage = (px, py) => [(px - D.panX) / k(), (py - D.panY) / k()];
+  function clampPan() {
+    const w = editor.width * D.zoom, hh = editor.height * D.zoom;
+    D.panX = Math.min(0, Math.max(editor.width - w, D.panX)); D.panY = Math.min(0, Math.max(editor.height - hh, D.panY));
+  }
+  function zoomAt(f, px = editor.width / 2, py = editor.height / 2) {
+    const z = Math.min(16, Math.max(1, D.zoom * f));
+    const [ix, iy] = toImage(px, py);
+    D.zoom = z; D.panX = px - ix * k(); D.panY = py - iy * k(); clampPan(); drawEditor();
+  }
+  function fit() { D.zoom = 1; D.panX = D.panY = 0; drawEditor(); }
+
   function drawEditor() {
     const ctx = editor.getContext("2d");
-    ctx.drawImage(D.img, 0, 0, editor.width, editor.height);
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.fillStyle = "#222"; ctx.fillRect(0, 0, editor.width, editor.height);
+    ctx.drawImage(D.img, D.panX, D.panY, editor.width * D.zoom, editor.height * D.zoom);
+    ctx.translate(D.panX, D.panY);
     if ($("overlay-views").checked) {
-      Object.keys(D.views).forEach((v, k) => drawInstances(ctx, D.views[v], state.cats, D.scale,
-        {threshold: thresholdOf, lineWidth: 1, dashed: true, color: ["#ff0", "#0ff", "#f0f", "#fff", "#fa0", "#0fa", "#a0f", "#aaa"][k % 8]}));
+      Object.keys(D.views).forEach((v, n) => drawInstances(ctx, D.views[v], state.cats, k(),
+        {threshold: thresholdOf, lineWidth: 1, dashed: true, color: VIEW_COLORS[n % 8]}));
     }
-    drawInstances(ctx, D.instances, state.cats, D.scale, {lineWidth: 2, selected: D.selected, unplaced: true});
+    ctx.globalAlpha = 0.55;
+    drawInstances(ctx, D.candidates, state.cats, k(), {lineWidth: 1, dashed: true, selected: D.selected < -1 ? -D.selected - 2 : -1});
+    ctx.globalAlpha = 1;
+    drawInstances(ctx, D.instances, state.cats, k(), {lineWidth: 2, selected: D.selected, unplaced: true});
+    // class and score beside each box
+    ctx.font = "11px system-ui"; ctx.textBaseline = "bottom";
+    D.instances.forEach((d) => {
+      const c = state.cats.find((x) => x.id === d.category_id);
+      const label = `${c ? c.name : d.category_id}${d.score != null && d.score < 1 ? " " + d.score.toFixed(2) : ""}`;
+      const x = d.bbox[0] * k(), y = d.bbox[1] * k(), w = ctx.measureText(label).width + 4;
+      ctx.fillStyle = colorOf(state.cats, d.category_id); ctx.fillRect(x, y - 13, w, 13);
+      ctx.fillStyle = "#fff"; ctx.fillText(label, x + 2, y);
+    });
     if (D.selected >= 0) {
       const [x, y, w, hh] = D.instances[D.selected].bbox;
-      ctx.fillStyle = "#fff"; ctx.fillRect((x + w) * D.scale - 4, (y + hh) * D.scale - 4, 8, 8);
+      ctx.fillStyle = "#fff"; ctx.fillRect((x + w) * k() - 4, (y + hh) * k() - 4, 8, 8);
     }
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    editor.dataset.image = D.item.image;
     editor.dataset.instances = D.instances.length;
+    editor.dataset.candidates = D.candidates.length;
+    editor.dataset.zoom = D.zoom.toFixed(3);
+    editor.dataset.pan = `${Math.round(D.panX)},${Math.round(D.panY)}`;
+    $("zoom-value").textContent = `${Math.round(D.zoom * 100)}%`;
   }
 
   function renderViews() {
     const panels = [["ensembled", D.item.ensembled], ...Object.entries(D.views)];
-    $("views").replaceChildren(...panels.map(([name, list]) => {
+    $("views").replaceChildren(...panels.map(([name, list], n) => {
       const s = 150 / Math.max(D.item.width, D.item.height);
       const c = h("canvas", {width: Math.round(D.item.width * s), height: Math.round(D.item.height * s)});
       const ctx = c.getContext("2d");
       ctx.drawImage(D.img, 0, 0, c.width, c.height);
-      const n = drawInstances(ctx, list, state.cats, s, {threshold: thresholdOf, lineWidth: 1.5});
-      return h("figure", {class: "view-panel", "data-view": name}, c, h("figcaption", {}, `${name} · ${n} above threshold`));
+      const cnt = drawInstances(ctx, list, state.cats, s, {threshold: thresholdOf, lineWidth: 1.5});
+      const sw = n ? h("span", {class: "swatch", style: `background:${VIEW_COLORS[(n - 1) % 8]}`}) : "";
+      return h("figure", {class: "view-panel", "data-view": name}, c, h("figcaption", {}, sw, ` ${name} · ${cnt} above threshold`));
     }));
   }
 
   function edited() {
     localStorage.setItem(draftKey(D.item.image), JSON.stringify(D.instances));
+    setDirty(true);
     drawEditor();
   }
-  function pushUndo() { D.undo.push(JSON.stringify(D.instances)); }
+  function pushUndo() { D.undo.push(JSON.stringify({i: D.instances, c: D.candidates})); }
 
+  // selected >= 0: an instance; selected <= -2: candidate -selected-2
   function hit(px, py) {
-    const x = px / D.scale, y = py / D.scale;
+    const [x, y] = toImage(px, py), z = k();
     for (let i = D.instances.length - 1; i >= 0; i--) {
       const d = D.instances[i];
-      if (d.keypoints) for (let k = 0; k < d.keypoints.length; k += 3)
-        if (Math.hypot(d.keypoints[k] - x, d.keypoints[k + 1] - y) * D.scale < 6) return {i, kp: k};
+      if (d.keypoints) for (let n = 0; n < d.keypoints.length; n += 3)
+        if (Math.hypot(d.keypoints[n] - x, d.keypoints[n + 1] - y) * z < 6) return {i, kp: n};
       const [bx, by, bw, bh] = d.bbox;
-      if (Math.abs(bx + bw - x) * D.scale < 7 && Math.abs(by + bh - y) * D.scale < 7) return {i, corner: true};
+      if (Math.abs(bx + bw - x) * z < 7 && Math.abs(by + bh - y) * z < 7) return {i, corner: true};
       if (x >= bx && x <= bx + bw && y >= by && y <= by + bh) return {i};
+    }
+    for (let i = D.candidates.length - 1; i >= 0; i--) {
+      const [bx, by, bw, bh] = D.candidates[i].bbox;
+      if (x >= bx && x <= bx + bw && y >= by && y <= by + bh) return {candidate: i};
     }
     return null;
   }
 
+  let spaceDown = false;
   editor.addEventListener("mousedown", (e) => {
     const r = editor.getBoundingClientRect(), px = e.clientX - r.left, py = e.clientY - r.top;
+    if (e.button === 1 || e.altKey || spaceDown) {  // pan: middle button, or drag with Alt or Space held
+      D.drag = {pan: true, x0: px, y0: py, px0: D.panX, py0: D.panY}; e.preventDefault(); return;
+    }
+    const [ix, iy] = toImage(px, py);
     if (D.mode === "new") {
       pushUndo();
       const cat = +$("box-class").value || state.cats[0].id;
       const kpN = (state.cats.find((c) => c.id === cat).keypoints || []).length;
-      D.instances.push({bbox: [px / D.scale, py / D.scale, 1, 1], category_id: cat, score: 1,
-        ...(kpN ? {keypoints: Array.from({length: kpN}, () => [px / D.scale, py / D.scale, 0]).flat()} : {})});
+      D.instances.push({bbox: [ix, iy, 1, 1], category_id: cat, score: 1,
+        ...(kpN ? {keypoints: Array.from({length: kpN}, () => [ix, iy, 0]).flat()} : {})});
       D.selected = D.instances.length - 1; D.mode = null;
       D.drag = {corner: true, x0: px, y0: py, i: D.selected, isNew: true,
-        orig: {...D.instances[D.selected], bbox: [px / D.scale, py / D.scale, 0, 0]}};  // the box spans the drag
+        orig: {...D.instances[D.selected], bbox: [ix, iy, 0, 0]}};  // the box spans the drag
       return;
     }
     const h_ = hit(px, py);
+    if (h_ && h_.candidate !== undefined) { D.selected = -h_.candidate - 2; $("box-class").value = D.candidates[h_.candidate].category_id; drawEditor(); return; }
     D.selected = h_ ? h_.i : -1;
-    if (h_) { pushUndo(); D.drag = {...h_, x0: px, y0: py, orig: JSON.parse(JSON.stringify(D.instances[h_.i]))}; $("box-class").value = D.instances[h_.i].category_id; }
+    if (h_) { pushUndo(); D.drag = {...h_, x0: px, y0: py, moved: false, orig: JSON.parse(JSON.stringify(D.instances[h_.i]))}; $("box-class").value = D.instances[h_.i].category_id; }
     drawEditor();
   });
   editor.addEventListener("mousemove", (e) => {
     if (!D.drag) return;
     const r = editor.getBoundingClientRect(), px = e.clientX - r.left, py = e.clientY - r.top;
-    const d = D.instances[D.drag.i], dx = (px - D.drag.x0) / D.scale, dy = (py - D.drag.y0) / D.scale;
+    if (D.drag.pan) { D.panX = D.drag.px0 + px - D.drag.x0; D.panY = D.drag.py0 + py - D.drag.y0; clampPan(); drawEditor(); return; }
+    const d = D.instances[D.drag.i], dx = (px - D.drag.x0) / k(), dy = (py - D.drag.y0) / k();
+    D.drag.moved = true;
     if (D.drag.kp !== undefined) { d.keypoints[D.drag.kp] = D.drag.orig.keypoints[D.drag.kp] + dx; d.keypoints[D.drag.kp + 1] = D.drag.orig.keypoints[D.drag.kp + 1] + dy; d.keypoints[D.drag.kp + 2] = 2; }
     else if (D.drag.corner) { const o = D.drag.orig; d.bbox = [d.bbox[0], d.bbox[1], Math.max(1, o.bbox[2] + dx), Math.max(1, o.bbox[3] + dy)]; }
     else { d.bbox = [D.drag.orig.bbox[0] + dx, D.drag.orig.bbox[1] + dy, d.bbox[2], d.bbox[3]];
-      if (d.keypoints) for (let k = 0; k < d.keypoints.length; k += 3) { d.keypoints[k] = D.drag.orig.keypoints[k] + dx; d.keypoints[k + 1] = D.drag.orig.keypoints[k + 1] + dy; } }
+      if (d.keypoints) for (let n = 0; n < d.keypoints.length; n += 3) { d.keypoints[n] = D.drag.orig.keypoints[n] + dx; d.keypoints[n + 1] = D.drag.orig.keypoints[n + 1] + dy; } }
     drawEditor();
   });
   window.addEventListener("mouseup", () => {
     if (!D.drag) return;
-    if (D.drag.isNew) layOutKeypoints(D.instances[D.drag.i]);
-    D.drag = null; edited();
+    const drag = D.drag; D.drag = null;
+    if (drag.pan) return;
+    if (drag.isNew) layOutKeypoints(D.instances[drag.i]);
+    if (!drag.moved && !drag.isNew) { D.undo.pop(); return; }  // a click that selected: nothing changed
+    edited();
   });
+  editor.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const r = editor.getBoundingClientRect();
+    zoomAt(e.deltaY < 0 ? 1.25 : 0.8, e.clientX - r.left, e.clientY - r.top);
+  }, {passive: false});
 
   /* A new box in a keypoint project: its keypoints start unlabeled (v = 0, drawn hollow) at the
      mean pose, relative to their boxes, of the image's other instances with keypoints (else
@@ -405,25 +606,39 @@
     const n = d.keypoints.length / 3, sum = Array.from({length: n}, () => [0, 0, 0]);
     for (const o of D.instances) {
       if (o === d || !o.keypoints || o.keypoints.length !== d.keypoints.length || o.bbox[2] < 2 || o.bbox[3] < 2) continue;
-      for (let k = 0; k < n; k++) if (o.keypoints[3 * k + 2] > 0) {
-        sum[k][0] += (o.keypoints[3 * k] - o.bbox[0]) / o.bbox[2]; sum[k][1] += (o.keypoints[3 * k + 1] - o.bbox[1]) / o.bbox[3]; sum[k][2]++;
+      for (let q = 0; q < n; q++) if (o.keypoints[3 * q + 2] > 0) {
+        sum[q][0] += (o.keypoints[3 * q] - o.bbox[0]) / o.bbox[2]; sum[q][1] += (o.keypoints[3 * q + 1] - o.bbox[1]) / o.bbox[3]; sum[q][2]++;
       }
     }
     const [bx, by, bw, bh] = d.bbox;
-    for (let k = 0; k < n; k++) {
-      const [u, v] = sum[k][2] ? [sum[k][0] / sum[k][2], sum[k][1] / sum[k][2]] : [0.5, (k + 0.5) / n];
-      d.keypoints.splice(3 * k, 3, bx + u * bw, by + v * bh, 0);
+    for (let q = 0; q < n; q++) {
+      const [u, v] = sum[q][2] ? [sum[q][0] / sum[q][2], sum[q][1] / sum[q][2]] : [0.5, (q + 0.5) / n];
+      d.keypoints.splice(3 * q, 3, bx + u * bw, by + v * bh, 0);
     }
   }
 
+  /* One instance: reject (delete) it, accept it (a candidate below the threshold joins the kept
+     ones; a kept one is confirmed, score 1), or change its class. */
   function deleteSelected() {
-    if (D.selected < 0) return toast("select a box first");
-    pushUndo(); D.instances.splice(D.selected, 1); D.selected = -1; edited();
+    if (D.selected === -1) return toast("select a box first");
+    pushUndo();
+    if (D.selected >= 0) D.instances.splice(D.selected, 1); else D.candidates.splice(-D.selected - 2, 1);
+    D.selected = -1; edited();
   }
-  $("box-class").addEventListener("change", (e) => {
-    if (D.selected < 0) return;
-    pushUndo(); D.instances[D.selected].category_id = +e.target.value; edited();
-  });
+  function acceptSelected() {
+    if (D.selected === -1) return toast("select a box first");
+    pushUndo();
+    if (D.selected <= -2) { const [d] = D.candidates.splice(-D.selected - 2, 1); D.instances.push({...d, score: 1}); D.selected = D.instances.length - 1; }
+    else D.instances[D.selected].score = 1;
+    edited();
+  }
+  function relabel(cat) {
+    if (D.selected === -1) return toast("select a box first");
+    pushUndo();
+    const d = D.selected >= 0 ? D.instances[D.selected] : D.candidates[-D.selected - 2];
+    d.category_id = cat; $("box-class").value = cat; edited();
+  }
+  $("box-class").addEventListener("change", (e) => { if (D.selected !== -1) relabel(+e.target.value); });
 
   async function saveReview(stateName) {
     const body = {run: RUN, image: D.item.image, state: stateName};
@@ -434,56 +649,126 @@
       localStorage.removeItem(draftKey(D.item.image));
       $("draft-note").textContent = "";
       D.item.review = r;
-      $("detail-review").textContent = r.state;
+      // saved: what is on screen is what the server holds; undo (u) now undoes the saved review
+      D.undo = []; setDirty(false);
+      showReviewBadge();
       const t = tiles.get(D.index); if (t) drawTile(t);
-      toast(stateName === "edited" ? "edits saved" : stateName);
+      toast(stateName === "edited" ? "edits saved — u undoes the save" : stateName);
       return r;
-    } catch (e) { fail(e); }
+    } catch (e) { fail(e); return null; }
   }
 
+  /* Undo means the same on screen and on the server: unsaved edits are undone one step at a
+     time; with none left, the saved review itself is undone through the API (back to its
+     previous version, or to no review), and the screen shows what the server then holds. */
   async function undo() {
-    if (D.undo.length) { D.instances = JSON.parse(D.undo.pop()); D.selected = -1; edited(); return; }
+    if (D.undo.length) {
+      const u = JSON.parse(D.undo.pop()); D.instances = u.i; D.candidates = u.c; D.selected = -1;
+      if (D.undo.length) edited();
+      else { localStorage.removeItem(draftKey(D.item.image)); setDirty(false); drawEditor(); }
+      return;
+    }
+    if (D.dirty) {  // edits restored from the browser, never saved: undo drops them
+      localStorage.removeItem(draftKey(D.item.image)); loadInstances(); drawEditor(); return toast("unsaved edits dropped");
+    }
     if (!D.item.review) return toast("nothing to undo");
     try {
       const r = await api(`/api/reviews/${D.item.review.id}/undo/`, {method: "POST"});
-      D.item.review = r; toast("review undone");
-      const item = D.item; await openDetail(D.index); Object.assign(item, {review: r});
+      D.item.review = r;
+      toast(r ? `saved review undone: now ${r.state}` : "saved review undone: not reviewed");
+      showReviewBadge(); loadInstances(); drawEditor(); renderViews();
       const t = tiles.get(D.index); if (t) drawTile(t);
     } catch (e) { fail(e); }
   }
 
-  const move = (k) => { const j = D.index + k; if (j >= 0 && j < state.total && state.items[j]) openDetail(j); };
+  // leaving an image with unsaved edits saves them
+  async function leave() {
+    if (D.dirty && D.item) return !!(await saveReview("edited"));
+    return true;
+  }
+  const move = async (n) => {
+    const j = D.index + n;
+    if (j < 0 || j >= state.total) return toast(j < 0 ? "first image" : "last image");
+    if (!(await leave())) return;
+    if (!state.items[j]) { await loadPage(Math.floor(j / PAGE) + 1); }
+    if (state.items[j]) openDetail(j);
+  };
+  // a and r review the whole image; with unsaved edits, a accepts the edited boxes
+  async function review(stateName) {
+    const r = await saveReview(stateName === "accepted" && D.dirty ? "edited" : stateName);
+    if (r) move(1);
+  }
+  $("btn-prev").onclick = () => move(-1);
+  $("btn-next").onclick = () => move(1);
   $("btn-new").onclick = () => { D.mode = "new"; toast("drag on the image to draw the new box"); };
   $("btn-delete").onclick = deleteSelected;
+  $("btn-keep").onclick = acceptSelected;
   $("btn-save").onclick = () => saveReview("edited");
-  $("btn-accept").onclick = async () => { await saveReview("accepted"); move(1); };
-  $("btn-reject").onclick = async () => { await saveReview("rejected"); move(1); };
+  $("btn-accept").onclick = () => review("accepted");
+  $("btn-reject").onclick = () => review("rejected");
   $("btn-undo").onclick = undo;
-  $("btn-close").onclick = () => dlg.close();
-  $("overlay-views").onchange = drawEditor;
+  $("btn-fit").onclick = fit;
+  $("btn-zoom-in").onclick = () => zoomAt(1.25);
+  $("btn-zoom-out").onclick = () => zoomAt(0.8);
+  $("btn-close").onclick = async () => { if (await leave()) dlg.close(); };
+  dlg.addEventListener("cancel", (e) => { if (D.dirty) { e.preventDefault(); leave().then((ok) => ok && dlg.close()); } });
+  $("overlay-views").onchange = () => { drawEditor(); editor.focus(); };
+  dlg.addEventListener("keyup", (e) => { if (e.key === " ") spaceDown = false; });
   dlg.addEventListener("keydown", (e) => {
-    if (e.target.tagName === "SELECT" || e.target.tagName === "INPUT") return;
-    const k = e.key;
-    if (k === "ArrowRight" || k === "j") move(1);
-    else if (k === "ArrowLeft" || k === "k") move(-1);
-    else if (k === "a") $("btn-accept").click();
-    else if (k === "r") $("btn-reject").click();
-    else if (k === "Delete" || k === "Backspace") deleteSelected();
-    else if (k === "n") $("btn-new").click();
-    else if (k === "s") saveReview("edited");
-    else if (k === "u" || (k === "z" && (e.ctrlKey || e.metaKey))) undo();
+    const t = e.target;
+    // typing into a text field or choosing in a list keeps its keys; checkboxes and buttons do not
+    if (t.tagName === "SELECT" || t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && !["checkbox", "radio", "button"].includes(t.type))) return;
+    if (e.ctrlKey && e.key !== "z" || e.metaKey && e.key !== "z") return;
+    const key = e.key;
+    if (key === " ") { spaceDown = true; }
+    else if (key === "ArrowRight" || key === "j") move(1);
+    else if (key === "ArrowLeft" || key === "k") move(-1);
+    else if (key === "a") review("accepted");
+    else if (key === "r") review("rejected");
+    else if (key === "Delete" || key === "Backspace" || key === "x") deleteSelected();
+    else if (key === "y") acceptSelected();
+    else if (key === "n") $("btn-new").click();
+    else if (key === "s") saveReview("edited");
+    else if (key === "u" || (key === "z" && (e.ctrlKey || e.metaKey))) undo();
+    else if (key === "+" || key === "=") zoomAt(1.25);
+    else if (key === "-") zoomAt(0.8);
+    else if (key === "0" || key === "f") fit();
+    else if (/^[1-9]$/.test(key) && state.cats[+key - 1]) relabel(state.cats[+key - 1].id);
+    else if (key === "Escape") return;
     else return;
     e.preventDefault();
   });
 
   /* ---- toolbar ---- */
-  $("ordering").onchange = (e) => { state.order = e.target.value; resetGrid(); };
-  $("filter-category").onchange = (e) => { state.category = e.target.value; resetGrid(); };
-  $("filter-review").onchange = (e) => { state.review = e.target.value; resetGrid(); };
+  const onFilter = (key, el, ev = "change") => $(el).addEventListener(ev, (e) => { state[key] = e.target.value.trim(); resetGrid(); });
+  onFilter("order", "ordering"); onFilter("category", "filter-category"); onFilter("review", "filter-review");
+  onFilter("smin", "filter-smin"); onFilter("smax", "filter-smax"); onFilter("kmin", "filter-kmin"); onFilter("kmax", "filter-kmax");
+  onFilter("agree", "filter-agree");
+  $("filter-category").addEventListener("change", redrawTiles);
+
+  /* Bulk accept: the count first (a dry run with the same thresholds), then one undo for all. */
+  let lastBulk = null;
   $("bulk-accept").onclick = async () => {
+    const body = {threshold: state.global, thresholds: state.perClass ? currentThresholds() : {}};
     try {
-      const r = await api(`/api/inference-runs/${RUN}/bulk-accept/`, {method: "POST", body: {threshold: state.global, thresholds: state.perClass ? state.classT : {}}});
+      const dry = await api(`/api/inference-runs/${RUN}/bulk-accept/`, {method: "POST", body: {...body, dry_run: true}});
+      if (!dry.accepted) return toast("no unreviewed image has a pseudo-label above the threshold");
+      const ok = await confirmDialog(`Accept ${dry.accepted.toLocaleString()} unreviewed images that have a pseudo-label above the threshold? One undo reverts them all.`,
+        {ok: `Accept ${dry.accepted.toLocaleString()} images`});
+      if (!ok) return;
+      const r = await api(`/api/inference-runs/${RUN}/bulk-accept/`, {method: "POST", body});
+      lastBulk = r.images || [];
+      $("bulk-undo").hidden = !lastBulk.length;
+      $("bulk-undo").textContent = `Undo accepting ${r.accepted} images`;
       toast(`${r.accepted} images accepted`); resetGrid();
+    } catch (e) { fail(e); }
+  };
+  $("bulk-undo").onclick = async () => {
+    if (!lastBulk) return;
+    try {
+      const r = await api(`/api/inference-runs/${RUN}/bulk-undo/`, {method: "POST", body: {images: lastBulk}});
+      lastBulk = null; $("bulk-undo").hidden = true;
+      toast(`${r.undone} acceptances undone`); resetGrid();
     } catch (e) { fail(e); }
   };
   grid.addEventListener("scroll", () => requestAnimationFrame(layout), {passive: true});
@@ -530,9 +815,10 @@
       state.S = Float32Array.from(sc.scores); state.C = Int32Array.from(sc.categories); state.I = Int32Array.from(sc.image_index);
       state.nImages = sc.image_ids.length; state.val = sc.validation; state.labeledPerImage = sc.summary.labeled_instances_per_image;
       state.global = state.run.auto_threshold ?? 0.5;
-      $("threshold").value = state.global; $("threshold-value").textContent = state.global.toFixed(3);
       $("auto-value").textContent = state.run.auto_threshold == null ? "(n/a)" : state.run.auto_threshold.toFixed(2);
       buildClassSliders();
+      readUrl();
+      showThresholds(); showFilters();
       buildCharts(sc.summary);
       renderStats(computeStats());
       resetGrid();
