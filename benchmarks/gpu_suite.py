@@ -422,8 +422,13 @@ def hand_loop_keypoints(model, path: str, scales: list[int], max_size: int, devi
 
 
 def _upto(predictor, images: list[torch.Tensor], stage: str):
-    """The first stages of MultiTransformPredictor's forward pass over every view of the group."""
+    """The first stages of MultiTransformPredictor's forward pass over every view of the group
+    (on its fast path, ml_core.fast_rcnn.BatchedViews, where the predictor uses it)."""
     model, ts = predictor.model, predictor.transforms
+    if predictor.fast:
+        predictor.batched.run(images, ts.scales, ts.flip, ts.max_size, predictor.flip_inds, predictor._autocast,
+                              stop_after=stage)
+        return
     t = model.transform
     flipped = [im.flip(-1) for im in images] if ts.flip else []
     with torch.inference_mode(), predictor._autocast():
@@ -519,10 +524,12 @@ def step_tta(ctx: StepContext, p: dict):
 
     # ml_core.tta: views batched per scale, fp16 autocast on CUDA, images decoded by DataLoader workers
     ts = TransformSet(scales, flip=True, max_size=max_size)
-    predictor = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True)
+    predictor = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True)
     predictor.predict([load_image(x) for x in paths[:group]])  # warm-up
     ours = _time_tta(ctx, predictor, paths[:p["tta_images"]], group, p["workers"], ctx.cap(0.25))
     ours["precision"] = "fp16 autocast" if predictor.amp else "fp32"
+    ours["path"] = "fast (ml_core.fast_rcnn.BatchedViews)" if predictor.fast else "plain (torchvision per scale)"
+    ours["torch_compile"] = "not used (no compile time)"
     fig["ml_core_tta"] = ours
     fig["speedup"] = _r(ours["images_per_s"] / fig["hand_loop"]["images_per_s"], 2)
     fig["speedup_steady"] = _r(ours["steady_images_per_s"] / fig["hand_loop"]["images_per_s"], 2) \
@@ -554,8 +561,9 @@ def step_tta(ctx: StepContext, p: dict):
         prev = spi
     fig["time_split"] = {
         "what": "one group of images already on the device, all views; cumulative images/s up to the end of each "
-                "stage (transform = resize+normalise+batch; roi_heads includes torchvision's own post-processing "
-                "and, for keypoint models, its keypoint head; predict = the whole MultiTransformPredictor.predict)",
+                "stage (transform = resize+normalise+batch; rpn includes proposal NMS; roi_heads includes the "
+                "detection post-processing and, for keypoint models, the keypoint head on every view's detections; "
+                "predict = the whole MultiTransformPredictor.predict)",
         "images_per_s_upto": {k: _r(1 / v, 2) for k, v in split.items()},
         "ms_per_image": ms,
         "share_of_predict": {k: _r(v / 1000 / split["predict"], 3) for k, v in ms.items()},
@@ -568,10 +576,11 @@ def step_tta(ctx: StepContext, p: dict):
     # the same batching in fp32: what batching alone buys (on the CPU, where there is no fp16 path,
     # the smoke test runs it only to exercise the code)
     if ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 8):
-        predictor32 = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=False)
+        predictor32 = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=False, fast=True)
         predictor32.predict([load_image(x) for x in paths[:group]])
         r = _time_tta(ctx, predictor32, paths[:p["tta_images"]], group, p["workers"], max(1.0, ctx.left() - 4))
         r["precision"] = "fp32"
+        r["path"] = "fast" if predictor32.fast else "plain"
         fig["ml_core_tta_fp32"] = r
         ctx.log(f"ml_core.tta fp32 {r['images_per_s']} images/s")
 

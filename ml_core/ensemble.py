@@ -230,7 +230,21 @@ def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], 
         return [ensemble_boxes(b, s, lab, **kw) for b, s, lab in zip(boxes, scores, labels)]
     dev = boxes[0].device
     img = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=dev) for i, b in enumerate(boxes)])
-    B, S, L = torch.cat(boxes).float(), torch.cat(scores).float(), torch.cat(labels).long()
+    return ensemble_boxes_flat(torch.cat(boxes), torch.cat(scores), torch.cat(labels), img, n, **kw)
+
+
+def ensemble_boxes_flat(B: torch.Tensor, S: torch.Tensor, L: torch.Tensor, img: torch.Tensor, n: int, *,
+                        num_views: int = 1, method: str = "nms_vote", score_thresh: float = 0.05,
+                        nms_thresh: float = 0.5, vote_thresh: float = 0.8, vote_scoring: str = "id",
+                        wbf_thresh: float = 0.55, detections_per_img: int = 100):
+    """The padded path of `ensemble_boxes_batch` on the union of n images' boxes given flat, with
+    img[i] the image of row i: a list of n (boxes, scores, labels), as ensemble_boxes gives."""
+    if method == "wbf":
+        return [ensemble_boxes(B[img == i], S[img == i], L[img == i], num_views=num_views, method=method,
+                               score_thresh=score_thresh, wbf_thresh=wbf_thresh,
+                               detections_per_img=detections_per_img) for i in range(n)]
+    dev = B.device
+    B, S, L = B.float(), S.float(), L.long()
     keep = S >= score_thresh
     B, S, L, img = B[keep], S[keep], L[keep], img[keep]
     n_lab = int(L.max()) + 1 if len(L) else 1
@@ -351,3 +365,28 @@ def agreement(view_boxes: list[torch.Tensor], view_labels: list[torch.Tensor], e
         iou = box_iou(ens_boxes, b.float()) * (ens_labels[:, None] == lab[None, :])
         total += float(iou.amax(1).sum())
     return total / (n_views * len(ens_boxes))
+
+
+def agreement_padded(view_boxes: torch.Tensor, view_labels: torch.Tensor, view_valid: torch.Tensor,
+                     ens_boxes: torch.Tensor, ens_labels: torch.Tensor, ens_valid: torch.Tensor) -> list[float]:
+    """`agreement` for n images at once, on padded tensors: view_* [n, V, D(, 4)], ens_* [n, E(, 4)]."""
+    n, V, D = view_valid.shape
+    E = ens_valid.shape[1]
+    if E == 0 or D == 0:
+        iou = view_boxes.new_zeros((n, E, V))
+    else:
+        vb = view_boxes.float().reshape(n, V * D, 4)
+        area_e = (ens_boxes[..., 2] - ens_boxes[..., 0]) * (ens_boxes[..., 3] - ens_boxes[..., 1])
+        area_v = (vb[..., 2] - vb[..., 0]) * (vb[..., 3] - vb[..., 1])
+        lt = torch.maximum(ens_boxes[:, :, None, :2], vb[:, None, :, :2])
+        rb = torch.minimum(ens_boxes[:, :, None, 2:], vb[:, None, :, 2:])
+        wh = (rb - lt).clamp_min(0)
+        inter = wh[..., 0] * wh[..., 1]
+        iou = inter / (area_e[:, :, None] + area_v[:, None, :] - inter)
+        same = (ens_labels[:, :, None] == view_labels.reshape(n, 1, V * D)) & view_valid.reshape(n, 1, V * D)
+        iou = torch.where(same, iou, torch.zeros_like(iou)).reshape(n, E, V, D).amax(-1)   # [n, E, V]
+    total = (iou * ens_valid[:, :, None]).sum((1, 2))
+    n_ens = ens_valid.sum(1)
+    any_view = view_valid.flatten(1).any(1)
+    out = torch.where(n_ens > 0, total / (V * n_ens).clamp_min(1), (~any_view).float())
+    return out.tolist()

@@ -1,0 +1,486 @@
+"""The batched test-time forward pass of a torchvision two-stage detector over many views.
+
+`BatchedViews.run` replaces, for inference over a group of images at several scales (each maybe
+flipped), torchvision's `rpn` -> `roi_heads` -> `transform.postprocess` chain. It computes the
+same predictions (tests/ml_core/test_fast_path.py checks them against the plain per-view
+torchvision path) but is organised for a GPU:
+
+* Post-processing is batched over every view of the group. torchvision loops over images in
+  Python in `RegionProposalNetwork.filter_proposals` and `RoIHeads.postprocess_detections`; each
+  iteration indexes with data-dependent masks (a host synchronisation) and runs its own NMS. Here
+  boxes stay padded ([views, slots] with a validity mask) and NMS runs for every
+  (view, level) or (view, class) group at once: `padded_nms`, greedy NMS written as a fixed
+  point over a batch of IoU matrices (same result as torchvision's NMS; see its docstring).
+* The RPN decodes only the top-scoring anchors of each level (torchvision decodes every anchor
+  first, then selects); decoding is per anchor, so the result is the same.
+* Detections are ranked once per view across classes with `topk` instead of torchvision's
+  `batched_nms` followed by `keep[:detections_per_img]`; NMS in the detection head only goes as
+  deep into each (view, class) group as the final top-k can reach (checked, else done in full).
+* Keypoint heatmaps are decoded by `heatmaps_to_keypoints` below: torchvision's version resizes
+  every RoI's heatmap with its own bicubic `interpolate` call in a Python loop (two host
+  synchronisations per box); this one builds the same bicubic weights as matrices and resizes a
+  chunk of RoIs with two batched matmuls.
+* On CUDA the backbone runs on a copy of itself with batch norms folded into the convolutions and
+  in channels_last memory format (`inference_backbone`); on the CPU the model's own backbone runs.
+
+What is not batched: the backbone, the RPN head and RoI pooling run once per scale (the feature
+maps of different scales have different sizes); the box head and predictor run per scale too
+(their matmuls are already large there).
+Differences from torchvision are rounding (folded batch norm, summation order) and the order of
+exactly tied scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+
+# --- the backbone copy used on the GPU ----------------------------------------------------------
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """conv followed by an eval-mode batch norm -> one conv with a bias."""
+    if isinstance(bn, nn.BatchNorm2d):
+        mean, var, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+        if w is None:
+            w = torch.ones_like(mean)
+        if b is None:
+            b = torch.zeros_like(mean)
+    else:  # torchvision.ops.FrozenBatchNorm2d
+        mean, var, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+    scale = w / torch.sqrt(var + eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    fused = fused.to(conv.weight.device, conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+        fused.bias.copy_((bias - mean) * scale + b)
+    return fused
+
+
+def _is_bn(m: nn.Module) -> bool:
+    from torchvision.ops import FrozenBatchNorm2d
+    return isinstance(m, FrozenBatchNorm2d) or (isinstance(m, nn.BatchNorm2d) and m.track_running_stats
+                                                and m.running_mean is not None)
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every batch norm that directly follows a conv into it, in place; returns how many.
+
+    Pairs: consecutive (Conv2d, BN) in an nn.Sequential, and attributes convN / bnN of one module
+    (torchvision's ResNet blocks and stem: conv1/bn1, ...). Anything else is left as it is."""
+    n = 0
+    for m in list(module.modules()):
+        if isinstance(m, nn.Sequential):
+            names = list(m._modules)
+            for a, b in zip(names, names[1:]):
+                conv, bn = m._modules[a], m._modules[b]
+                if isinstance(conv, nn.Conv2d) and _is_bn(bn):
+                    m._modules[a], m._modules[b] = _fold(conv, bn), nn.Identity()
+                    n += 1
+        for name in list(m._modules):
+            if name.startswith("conv") and f"bn{name[4:]}" in m._modules:
+                conv, bn = m._modules[name], m._modules[f"bn{name[4:]}"]
+                if isinstance(conv, nn.Conv2d) and _is_bn(bn):
+                    m._modules[name], m._modules[f"bn{name[4:]}"] = _fold(conv, bn), nn.Identity()
+                    n += 1
+    return n
+
+
+def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool) -> nn.Module:
+    """A copy of the backbone for inference (the model's own is left untouched)."""
+    if not fold and not channels_last:
+        return backbone
+    b = copy.deepcopy(backbone).eval()
+    if fold:
+        fold_batch_norms(b)
+    if channels_last:
+        b = b.to(memory_format=torch.channels_last)
+    return b
+
+
+# --- NMS over a padded batch of groups ------------------------------------------------------------
+
+def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[G, K, 4] x [G, N, 4] -> [G, K, N], computed as torchvision's NMS kernels do."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    wh = (rb - lt).clamp_min_(0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter)
+
+
+def padded_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
+               max_elements: int = 2 ** 25) -> torch.Tensor:
+    """Greedy NMS in every group of a padded batch at once: the same boxes as torchvision's nms.
+
+    boxes [G, M, 4] are sorted by descending score inside each group; valid [G, M] marks real
+    entries. over[g, j, i] says box j ranks above box i and overlaps it by more than iou_thresh
+    (strictly, as torchvision). Greedy NMS keeps i iff no kept j suppresses it; iterating
+    keep <- valid & not any_j(keep[j] & over[j, i]) from keep = valid reaches that unique fixed point
+    (after t steps the first t ranks are right; in practice suppression chains are short).
+    One host synchronisation per iteration (the convergence test). Returns keep [G, M] (bool).
+    """
+    G, M = valid.shape
+    if G == 0 or M == 0:
+        return valid.clone()
+    dtype = torch.float16 if boxes.is_cuda else torch.float32
+    over = torch.empty((G, M, M), dtype=dtype, device=boxes.device)
+    above = torch.ones(M, M, dtype=torch.bool, device=boxes.device).triu_(1)
+    step = max(1, max_elements // (M * M))
+    for g in range(0, G, step):
+        b = boxes[g:g + step].float()
+        o = (_batched_iou(b, b) > iou_thresh) & above & valid[g:g + step, :, None]
+        over[g:g + step] = o
+    keep = valid
+    for _ in range(M + 1):
+        hit = torch.bmm(keep.to(dtype)[:, None, :], over)[:, 0] > 0
+        new = valid & ~hit
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
+def _sort_groups(scores: torch.Tensor, valid: torch.Tensor, *tensors: torch.Tensor):
+    """Sort each row of [G, M] groups by descending score, invalid entries last; the tensors
+    ([G, M] or [G, M, ...]) follow. Returns sorted scores (-inf where invalid), validity, order, tensors."""
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    s, order = s.sort(dim=1, descending=True, stable=True)
+    out = [t.gather(1, order.reshape(order.shape + (1,) * (t.dim() - 2)).expand_as(t)) if t.dim() > 2
+           else t.gather(1, order) for t in tensors]
+    return s, valid.gather(1, order), order, out
+
+
+# --- keypoint heatmaps -> keypoints, batched ------------------------------------------------------
+
+def _bicubic_matrix(out_sizes: torch.Tensor, out_max: int, in_size: int) -> torch.Tensor:
+    """[R, out_max, in_size]: row d of RoI r holds PyTorch's bicubic weights (align_corners=False,
+    A = -0.75, border taps clamped) of output pixel d when resizing in_size -> out_sizes[r]."""
+    R = out_sizes.shape[0]
+    dev = out_sizes.device
+    scale = in_size / out_sizes.float()                                         # float, as ATen
+    d = torch.arange(out_max, device=dev, dtype=torch.float32)
+    real = scale[:, None] * (d[None, :] + 0.5) - 0.5
+    fl = real.floor()
+    t = real - fl
+    A = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+
+    w = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)      # [R, out_max, 4]
+    idx = (fl.long()[..., None] + torch.arange(-1, 3, device=dev)).clamp_(0, in_size - 1)
+    w = w * (d[None, :, None] < out_sizes[:, None, None].float())
+    return torch.zeros(R, out_max, in_size, device=dev).scatter_add_(2, idx, w)
+
+
+def heatmaps_to_keypoints(maps: torch.Tensor, rois: torch.Tensor, max_elements: int = 2 ** 28):
+    """torchvision.models.detection.roi_heads.heatmaps_to_keypoints without the per-RoI loop.
+
+    Same computation: each RoI's (K, H, W) logits are resized bicubically to ceil(box size) and
+    the argmax of every channel gives the keypoint. Here the resize is A_y @ map @ A_x^T with the
+    bicubic weight matrices of each RoI, for chunks of RoIs of similar size padded to the largest
+    (at most max_elements floats at a time). One host synchronisation (the RoI sizes).
+    Returns keypoints (N, K, 3) with visibility 1 and scores (N, K).
+    """
+    N, K, H, W = maps.shape
+    xy = torch.zeros((N, K, 3), dtype=torch.float32, device=maps.device)
+    scores = torch.zeros((N, K), dtype=torch.float32, device=maps.device)
+    if N == 0:
+        return xy, scores
+    rois = rois.float()
+    widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
+    heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
+    wc, hc = widths.ceil(), heights.ceil()
+    wi, hi = wc.long(), hc.long()
+    sizes = torch.stack([hi, wi], 1).tolist()                                   # the one sync
+    area = [h * w for h, w in sizes]
+    order = sorted(range(N), key=area.__getitem__)
+    start = 0
+    while start < N:
+        end = start + 1
+        hmax, wmax = sizes[order[start]]
+        while end < N:
+            h2, w2 = sizes[order[end]]
+            if (end + 1 - start) * K * max(hmax, h2) * max(wmax, w2) > max_elements:
+                break
+            hmax, wmax = max(hmax, h2), max(wmax, w2)
+            end += 1
+        sel = torch.tensor(order[start:end], device=maps.device)
+        ay = _bicubic_matrix(hi[sel], hmax, H)                                   # [r, hmax, H]
+        ax = _bicubic_matrix(wi[sel], wmax, W)                                   # [r, wmax, W]
+        m = maps[sel].float()
+        big = torch.matmul(torch.matmul(ay[:, None], m), ax[:, None].transpose(-1, -2))  # [r, K, hmax, wmax]
+        inside = ((torch.arange(hmax, device=maps.device)[None, :, None] < hi[sel][:, None, None])
+                  & (torch.arange(wmax, device=maps.device)[None, None, :] < wi[sel][:, None, None]))
+        big = big.masked_fill(~inside[:, None], float("-inf")).flatten(2)
+        val, pos = big.max(2)
+        x_int, y_int = pos % wmax, pos // wmax
+        x = (x_int.float() + 0.5) * (widths[sel] / wc[sel])[:, None]
+        y = (y_int.float() + 0.5) * (heights[sel] / hc[sel])[:, None]
+        xy[sel, :, 0] = x + rois[sel, 0, None]
+        xy[sel, :, 1] = y + rois[sel, 1, None]
+        scores[sel] = val
+        start = end
+    xy[..., 2] = 1
+    return xy, scores
+
+
+# --- the batched views ----------------------------------------------------------------------------
+
+@dataclass
+class ScaleFeatures:
+    """What one scale's forward pass leaves for later passes of the RoI heads."""
+
+    scale: int
+    features: dict
+    image_sizes: list[tuple[int, int]]
+
+
+@dataclass
+class ViewDetections:
+    """Detections of every view, padded: V = scales x (plain, flipped) x images, in that order.
+
+    boxes [V, D, 4] in original-image coordinates (flipped views mapped back), scores [V, D],
+    labels [V, D], valid [V, D] (each view's valid entries first, by descending score),
+    keypoints [V, D, K, 3] for keypoint models (original orientation, flip map applied)."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    keypoints: torch.Tensor | None
+    per_scale: list[ScaleFeatures]
+
+
+class BatchedViews:
+    """Runs a torchvision GeneralizedRCNN (Faster / Keypoint R-CNN) over all views of a group.
+
+    The model's own modules do the work; this class only replaces the glue between them (see the
+    module docstring for what differs from torchvision and why)."""
+
+    def __init__(self, model: nn.Module, *, fold_bn: bool = False, channels_last: bool = False):
+        self.model = model
+        self.channels_last = channels_last
+        self.backbone = inference_backbone(model.backbone, fold=fold_bn, channels_last=channels_last)
+        self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
+
+    # ---- stage 1: one scale through transform, backbone and the RPN's candidate selection
+    def _scale_forward(self, batch: list[torch.Tensor], scale: int, max_size: int, stop_after: str | None):
+        t = self.model.transform
+        t.min_size, t.max_size = (scale,), max_size
+        image_list, _ = t(batch)
+        if stop_after == "transform":
+            return None
+        x = image_list.tensors
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone(x)
+        if stop_after == "backbone":
+            return None
+        return image_list, feats, self._rpn_candidates(image_list, feats)
+
+    def _rpn_candidates(self, image_list, feats):
+        """Per image and pyramid level, the top pre_nms_top_n anchors by objectness, decoded, clipped,
+        and masked as torchvision's filter_proposals would drop them: [B, L, P] padded."""
+        rpn = self.model.rpn
+        fl = list(feats.values())
+        objectness, deltas = rpn.head(fl)
+        anchors = rpn.anchor_generator(image_list, fl)[0]             # same for every image of the batch
+        per_level = [o[0].numel() for o in objectness]
+        obj, dl = concat_box_prediction_layers(objectness, deltas)
+        B = len(image_list.image_sizes)
+        obj = obj.reshape(B, -1)
+        dl = dl.reshape(B, -1, 4)
+        P = rpn.pre_nms_top_n()
+        boxes, scores, valid = [], [], []
+        offset = 0
+        for n in per_level:
+            k = min(P, n)
+            top, idx = obj[:, offset:offset + n].topk(k, dim=1)
+            idx = idx + offset
+            d = dl.gather(1, idx[..., None].expand(B, k, 4)).float()
+            b = rpn.box_coder.decode_single(d.reshape(-1, 4), anchors[idx.reshape(-1)].float()).reshape(B, k, 4)
+            pad = P - k
+            boxes.append(nn.functional.pad(b, (0, 0, 0, pad)))
+            scores.append(nn.functional.pad(torch.sigmoid(top.float()), (0, pad)))
+            valid.append(nn.functional.pad(torch.ones_like(top, dtype=torch.bool), (0, pad)))
+            offset += n
+        boxes, scores, valid = torch.stack(boxes, 1), torch.stack(scores, 1), torch.stack(valid, 1)
+        hw = torch.tensor(image_list.image_sizes, device=boxes.device, dtype=boxes.dtype)  # [B, 2]
+        boxes = _clip(boxes, hw[:, None, None])
+        ws, hs = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid &= (ws >= rpn.min_size) & (hs >= rpn.min_size) & (scores >= rpn.score_thresh)
+        return boxes, scores, valid
+
+    def _proposals(self, boxes, scores, valid):
+        """NMS per (view, level), then each view's top post_nms_top_n: [V, N, 4] and validity."""
+        rpn = self.model.rpn
+        V, L, P = valid.shape
+        s, v, _, (b,) = _sort_groups(scores.reshape(V * L, P), valid.reshape(V * L, P), boxes.reshape(V * L, P, 4))
+        keep = padded_nms(b, v, rpn.nms_thresh)
+        s = s.masked_fill(~keep, float("-inf")).reshape(V, L * P)
+        n = min(rpn.post_nms_top_n(), L * P)
+        top, idx = s.sort(dim=1, descending=True, stable=True)       # stable: ties as torchvision's nms
+        top, idx = top[:, :n], idx[:, :n]
+        props = b.reshape(V, L * P, 4).gather(1, idx[..., None].expand(V, n, 4))
+        ok = top > float("-inf")
+        return props.masked_fill(~ok[..., None], 0.0), ok
+
+    # ---- stage 2: the box head for every view
+    def _detections(self, logits, regression, proposals, prop_valid, image_sizes):
+        """torchvision's postprocess_detections for all views at once -> [V, D] padded."""
+        rh = self.model.roi_heads
+        V, N = prop_valid.shape
+        C = logits.shape[-1]
+        boxes = rh.box_coder.decode_single(regression.float(), proposals.reshape(-1, 4)).reshape(V, N, C, 4)
+        scores = torch.softmax(logits.float(), -1).reshape(V, N, C)
+        boxes = _clip(boxes, image_sizes[:, None, None, :])[:, :, 1:]
+        scores = scores[:, :, 1:]
+        ws, hs = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = prop_valid[..., None] & (scores > rh.score_thresh) & (ws >= 1e-2) & (hs >= 1e-2)
+        # groups (view, class), each sorted by score
+        G = V * (C - 1)
+        s, v, order, (b,) = _sort_groups(scores.transpose(1, 2).reshape(G, N), valid.transpose(1, 2).reshape(G, N),
+                                         boxes.transpose(1, 2).reshape(G, N, 4))
+        D = rh.detections_per_img
+        keep = _top_nms(b, v, rh.nms_thresh, D, V)
+        # rank each view's kept boxes in torchvision's (proposal, class) order, stable for ties
+        s = s.masked_fill(~keep, float("-inf")).reshape(V, C - 1, N)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand_as(order))
+        s = s.gather(2, rank.reshape(V, C - 1, N)).transpose(1, 2).reshape(V, N * (C - 1))
+        n = min(D, (C - 1) * N)
+        top, idx = s.sort(dim=1, descending=True, stable=True)
+        top, idx = top[:, :n], idx[:, :n]
+        prop, cls = idx // (C - 1), idx % (C - 1)
+        grp = torch.arange(V, device=idx.device)[:, None] * (C - 1) + cls        # (view, class) group
+        out_b = b[grp, rank[grp, prop]]
+        labels = cls + 1
+        ok = top > float("-inf")
+        return out_b, top.masked_fill(~ok, 0.0), labels, ok
+
+    def _box_head(self, feats, proposals: torch.Tensor, image_sizes):
+        rh = self.model.roi_heads
+        x = rh.box_roi_pool(feats, list(proposals), image_sizes)
+        x = rh.box_head(x)
+        return rh.box_predictor(x)
+
+    def keypoint_logits(self, feats, boxes: list[torch.Tensor], image_sizes) -> torch.Tensor:
+        """The keypoint head of one scale on the given boxes (one tensor per image of the batch)."""
+        rh = self.model.roi_heads
+        x = rh.keypoint_roi_pool(feats, boxes, image_sizes)
+        return rh.keypoint_predictor(rh.keypoint_head(x))
+
+    @torch.inference_mode()
+    def run(self, images: list[torch.Tensor], scales: list[int], flip: bool, max_size: int,
+            flip_inds: list[int] | None = None, autocast=None, stop_after: str | None = None) -> ViewDetections | None:
+        """Every view of every image. stop_after ('transform', 'backbone', 'rpn', 'roi_heads') ends
+        early, for timing the stages; the result is then None."""
+        autocast = autocast or contextlib.nullcontext
+        n = len(images)
+        batch = images + ([im.flip(-1) for im in images] if flip else [])
+        m = len(batch)
+        dev = images[0].device
+        per_scale, cands = [], []
+        with autocast():
+            for s in scales:
+                r = self._scale_forward(batch, s, max_size, stop_after)
+                if r is None:
+                    continue
+                image_list, feats, c = r
+                per_scale.append(ScaleFeatures(s, feats, list(image_list.image_sizes)))
+                cands.append(c)
+            if stop_after in ("transform", "backbone"):
+                return None
+            P = max(c[0].shape[2] for c in cands)
+            pad = [tuple(nn.functional.pad(x, (0, 0, 0, P - x.shape[2])) if x.dim() == 4 else
+                         nn.functional.pad(x, (0, P - x.shape[2])) for x in c) for c in cands]
+            Lmax = max(c[0].shape[1] for c in pad)
+            if any(c[0].shape[1] != Lmax for c in pad):
+                raise ValueError("every scale must give the same pyramid levels")
+            proposals, prop_valid = self._proposals(*(torch.cat(x) for x in zip(*pad)))
+            if stop_after == "rpn":
+                return None
+            logits, regression = [], []
+            for i, sf in enumerate(per_scale):
+                lg, rg = self._box_head(sf.features, proposals[i * m:(i + 1) * m], sf.image_sizes)
+                logits.append(lg)
+                regression.append(rg)
+        sizes = torch.tensor([hw for sf in per_scale for hw in sf.image_sizes], device=dev, dtype=torch.float32)
+        boxes, scores, labels, valid = self._detections(torch.cat(logits), torch.cat(regression), proposals,
+                                                        prop_valid, sizes)
+        keypoints = None
+        if self.keypoints:
+            keypoints = self._view_keypoints(per_scale, boxes, valid, m, autocast)
+        if stop_after == "roi_heads":
+            return None
+        # back to the original images: resize (as transform.postprocess), then un-flip
+        orig = torch.tensor([tuple(im.shape[-2:]) for im in batch] * len(per_scale), device=dev, dtype=torch.float32)
+        ratio = orig / sizes                                                    # [V, 2] (h, w)
+        boxes = boxes * ratio[:, None, [1, 0, 1, 0]]
+        flipped = torch.tensor(([False] * n + [True] * (m - n)) * len(per_scale), device=dev)
+        W = orig[:, 1, None]
+        fb = boxes.clone()
+        fb[..., 0], fb[..., 2] = W - boxes[..., 2], W - boxes[..., 0]
+        boxes = torch.where(flipped[:, None, None], fb, boxes)
+        if keypoints is not None:
+            keypoints = keypoints.clone()
+            keypoints[..., 0] *= ratio[:, None, None, 1]
+            keypoints[..., 1] *= ratio[:, None, None, 0]
+            if flip:
+                fk = keypoints[:, :, flip_inds].clone()
+                fk[..., 0] = W[:, :, None] - fk[..., 0]
+                keypoints = torch.where(flipped[:, None, None, None], fk, keypoints)
+        return ViewDetections(boxes, scores, labels, valid, keypoints, per_scale)
+
+    def _view_keypoints(self, per_scale, boxes, valid, m: int, autocast):
+        """The keypoint head of each view on its own detections (torchvision's roi_heads does this
+        inside its forward), decoded in view coordinates: [V, D, K, 3]."""
+        V, D = valid.shape
+        counts = valid.sum(1).tolist()                                          # one sync: boxes per view
+        heat = []
+        with autocast():
+            for i, sf in enumerate(per_scale):
+                bl = [boxes[j, :counts[j]] for j in range(i * m, (i + 1) * m)]
+                heat.append(self.keypoint_logits(sf.features, bl, sf.image_sizes))
+        heat = torch.cat(heat)
+        flat = torch.cat([boxes[j, :counts[j]] for j in range(V)])
+        kps, _ = heatmaps_to_keypoints(heat, flat)
+        out = kps.new_zeros((V, D, kps.shape[1], 3))
+        out[valid] = kps                                       # valid entries are each view's first
+        return out
+
+
+def _clip(boxes: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """clip_boxes_to_image with a (broadcast) per-image (height, width) tensor."""
+    x = boxes[..., 0::2].clamp(min=0)
+    y = boxes[..., 1::2].clamp(min=0)
+    x = torch.minimum(x, hw[..., 1:2])
+    y = torch.minimum(y, hw[..., 0:1])
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+
+
+def _top_nms(boxes, valid, iou_thresh: float, need: int, views: int) -> torch.Tensor:
+    """padded_nms, but only as deep into each group as a top-`need` selection can reach: NMS runs on
+    the first `depth` ranks; a group whose prefix keeps >= need boxes, or holds all its valid boxes,
+    is exact there (ranks below cannot enter its top `need`). Otherwise the full depth is used."""
+    G, M = valid.shape
+    depth = min(M, max(4 * need, 256))
+    if depth < M:
+        keep = padded_nms(boxes[:, :depth], valid[:, :depth], iou_thresh)
+        ok = (keep.sum(1) >= need) | ~valid[:, depth:].any(1)
+        if bool(ok.all()):
+            return torch.nn.functional.pad(keep, (0, M - depth))
+    return padded_nms(boxes, valid, iou_thresh)
+

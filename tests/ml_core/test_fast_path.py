@@ -1,0 +1,184 @@
+"""The fast path (ml_core.fast_rcnn.BatchedViews, MultiTransformPredictor(fast=True)) against the
+plain torchvision path on the same inputs: boxes, scores, labels and keypoints of every view, and
+the ensembled predictions, equal within tolerance. CPU, tiny and ResNet-18 FPN models."""
+import pytest
+import torch
+
+from ml_core import fast_rcnn
+from ml_core.models import build_model
+from ml_core.transforms import TransformSet, flip_boxes, flip_keypoints
+from ml_core.tta import EnsembleOptions, MultiTransformPredictor
+
+FLIP5 = [0, 2, 1, 4, 3]
+
+
+def _model(arch, nk=0, classes=3):
+    torch.manual_seed(0)
+    m, _ = build_model(arch, classes, nk, min_size=64, max_size=200)
+    m.roi_heads.score_thresh = 0.0  # every proposal reaches NMS: the hardest case for equality
+    return m.eval()
+
+
+def _torchvision_views(model, images, scales, flip, flip_inds):
+    """The plain path: torchvision's forward per scale over the images and their mirrors, mapped
+    back to the original images (what MultiTransformPredictor did before the fast path)."""
+    out = []
+    t = model.transform
+    with torch.no_grad():
+        for s in scales:
+            t.min_size, t.max_size = (s,), 200
+            batch = images + ([im.flip(-1) for im in images] if flip else [])
+            for j, d in enumerate(model(batch)):
+                f, w = j >= len(images), images[j % len(images)].shape[-1]
+                kps = d.get("keypoints")
+                out.append((flip_boxes(d["boxes"], w) if f else d["boxes"], d["scores"], d["labels"],
+                            None if kps is None else (flip_keypoints(kps, w, flip_inds) if f else kps)))
+    return out
+
+
+def _matched(b1, s1, l1, b2, s2, l2, k1=None, k2=None):
+    """Fraction of rows of set 1 that have an equal row (within tolerance) in set 2."""
+    if len(b1) == 0:
+        return 1.0
+    eq = ((b1[:, None] - b2[None]).abs().amax(-1) <= 1e-3) & ((s1[:, None] - s2[None]).abs() <= 1e-5) \
+        & (l1[:, None] == l2[None])
+    if k1 is not None:
+        eq &= (k1[:, None] - k2[None]).abs().flatten(2).amax(-1) <= 1e-3
+    return float(eq.any(1).float().mean())
+
+
+# Random weights on random images give many boxes with IoU exactly at the NMS threshold (edges
+# clipped to the image); torchvision decides those with offset coordinates (batched_nms's
+# coordinate trick), so an occasional box at the end of a view's list may differ. Everything else
+# must be equal: same counts, >= 97% of rows equal, and the first rows in the same order.
+MIN_MATCHED = 0.97
+
+
+def _assert_views_equal(model, images, scales, flip, flip_inds=None):
+    ref = _torchvision_views(model, images, scales, flip, flip_inds)
+    det = fast_rcnn.BatchedViews(model).run(images, scales, flip, 200, flip_inds)
+    assert det.valid.shape[0] == len(ref)
+    total, exact = 0, 0
+    for v, (b, s, lab, k) in enumerate(ref):
+        n = int(det.valid[v].sum())
+        assert n == len(b), f"view {v}: {n} detections, torchvision {len(b)}"
+        fb, fs, fl = det.boxes[v, :n], det.scores[v, :n], det.labels[v, :n]
+        fk = None if k is None else det.keypoints[v, :n]
+        assert _matched(b, s, lab, fb, fs, fl, k, fk) >= MIN_MATCHED, f"view {v}"
+        head = max(1, n // 2)
+        assert torch.allclose(fb[:head], b[:head], atol=1e-3) and torch.allclose(fs[:head], s[:head], atol=1e-5)
+        if k is not None:
+            assert torch.allclose(fk[:head], k[:head], atol=1e-3), f"view {v} keypoints"
+        exact += torch.allclose(fb, b, atol=1e-3) and torch.equal(fl, lab)
+        total += n
+    assert total > 0 and exact >= len(ref) // 2
+
+
+@pytest.mark.parametrize("scales,flip", [([48, 64, 80], True), ([56], False), ([40, 72], False)])
+def test_detection_views_equal_torchvision(scales, flip):
+    m = _model("fasterrcnn_tiny", classes=4)
+    _assert_views_equal(m, [torch.rand(3, 60, 90), torch.rand(3, 90, 60)], scales, flip)
+
+
+@pytest.mark.parametrize("scales,flip", [([48, 64, 80], True), ([64], False)])
+def test_keypoint_views_equal_torchvision(scales, flip):
+    m = _model("keypointrcnn_tiny", nk=5, classes=2)
+    _assert_views_equal(m, [torch.rand(3, 64, 80), torch.rand(3, 72, 64)], scales, flip, FLIP5)
+
+
+def test_resnet18_fpn_views_equal_torchvision():
+    """Five pyramid levels: RPN NMS per (view, level) group, as torchvision's batched_nms by level."""
+    m = _model("fasterrcnn_resnet18_fpn", classes=3)
+    _assert_views_equal(m, [torch.rand(3, 64, 96)], [64, 96], True)
+
+
+def test_keypoint_resnet18_fpn_views_equal_torchvision():
+    m = _model("keypointrcnn_resnet18_fpn", nk=5, classes=2)
+    m.roi_heads.detections_per_img = 20
+    _assert_views_equal(m, [torch.rand(3, 64, 80)], [64, 80], True, FLIP5)
+
+
+@pytest.mark.parametrize("arch,nk,flip", [("fasterrcnn_tiny", 0, True), ("keypointrcnn_tiny", 5, True),
+                                          ("keypointrcnn_tiny", 5, False)])
+def test_predictor_fast_equals_plain(arch, nk, flip):
+    m = _model(arch, nk, classes=2 if nk else 4)
+    images = [torch.rand(3, 64, 80) for _ in range(2)]
+    ts = TransformSet([48, 64, 80], flip=flip, max_size=200)
+    kw = dict(flip_inds=FLIP5 if nk else None)
+    plain = MultiTransformPredictor(m, ts, fast=False, **kw).predict(images)
+    fast = MultiTransformPredictor(m, ts, fast=True, **kw).predict(images)
+    for a, b in zip(plain, fast):
+        assert list(a.views) == list(b.views)
+        for name in a.views:
+            x, y = a.views[name], b.views[name]
+            assert len(x.boxes) == len(y.boxes)
+            assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels, x.keypoints, y.keypoints) \
+                >= MIN_MATCHED, name
+        x, y = a.ensembled, b.ensembled
+        assert len(x.boxes) == len(y.boxes) > 0
+        assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels, x.keypoints, y.keypoints) \
+            >= MIN_MATCHED
+        assert a.agreement == pytest.approx(b.agreement, abs=1e-2)
+
+
+def test_fast_path_keypoint_size_dependence_and_max_heatmaps():
+    m = _model("keypointrcnn_tiny", 5, classes=2)
+    images = [torch.rand(3, 64, 64)]
+    for opts in (EnsembleOptions(score_thresh=0.0, keypoint_size_dependence=True),
+                 EnsembleOptions(heatmap_method="max")):
+        ts = TransformSet([48, 64, 80], flip=True, max_size=200)
+        a = MultiTransformPredictor(m, ts, flip_inds=FLIP5, options=opts, fast=False).predict(images)[0]
+        b = MultiTransformPredictor(m, ts, flip_inds=FLIP5, options=opts, fast=True).predict(images)[0]
+        x, y = a.ensembled, b.ensembled
+        assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels, x.keypoints, y.keypoints) \
+            >= MIN_MATCHED
+
+
+def test_fast_path_with_nothing_detected():
+    m = _model("keypointrcnn_tiny", 5, classes=2)
+    m.roi_heads.score_thresh = 1.01
+    o = MultiTransformPredictor(m, TransformSet([48, 64]), flip_inds=FLIP5, fast=True).predict([torch.rand(3, 64, 64)])[0]
+    assert len(o.ensembled.boxes) == 0 and o.ensembled.keypoints.shape == (0, 5, 3)
+    assert all(len(v.boxes) == 0 for v in o.views.values()) and o.agreement == 1.0
+
+
+def test_batched_heatmap_decoding_equals_torchvision():
+    from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as tv
+    torch.manual_seed(0)
+    maps = torch.randn(30, 4, 56, 56)
+    xy = torch.rand(30, 2) * 300
+    wh = torch.cat([torch.rand(20, 2) * 200, torch.rand(10, 2) * 2], 0)   # some boxes under one pixel
+    rois = torch.cat([xy, xy + wh], 1)
+    a, sa = tv(maps, rois)
+    b, sb = fast_rcnn.heatmaps_to_keypoints(maps, rois, max_elements=2 ** 20)  # several chunks
+    assert torch.allclose(a, b, atol=1e-3) and torch.allclose(sa, sb, atol=1e-4)
+
+
+def test_padded_nms_equals_torchvision():
+    from torchvision.ops import nms
+    torch.manual_seed(0)
+    boxes = torch.rand(6, 50, 2) * 100
+    boxes = torch.cat([boxes, boxes + torch.rand(6, 50, 2) * 40], -1)
+    scores = torch.rand(6, 50)
+    valid = torch.rand(6, 50) > 0.2
+    s, v, order, (b,) = fast_rcnn._sort_groups(scores, valid, boxes)
+    keep = fast_rcnn.padded_nms(b, v, 0.5)
+    for g in range(6):
+        idx = valid[g].nonzero()[:, 0]
+        ref = idx[nms(boxes[g, idx], scores[g, idx], 0.5)]
+        assert torch.equal(order[g][keep[g]], ref)
+
+
+def test_folded_backbone_gives_the_same_features():
+    m = _model("fasterrcnn_resnet18_fpn")
+    m.backbone.body.bn1.running_mean.uniform_(-0.1, 0.1)   # non-trivial statistics
+    m.backbone.body.bn1.running_var.uniform_(0.5, 2.0)
+    fused = fast_rcnn.inference_backbone(m.backbone, fold=True, channels_last=True)
+    assert fast_rcnn.fold_batch_norms(fused) == 0           # all folded already
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in fused.modules())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = m.backbone(x), fused(x.contiguous(memory_format=torch.channels_last))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4)
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.backbone.modules())  # the model is untouched
