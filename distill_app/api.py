@@ -21,8 +21,8 @@ from rest_framework.response import Response
 
 from ml_core.checkpoint import load_model
 
-from . import tasks, threshold_stats
-from .exceptions import BadInput, Conflict
+from . import jobs, tasks, threshold_stats
+from .exceptions import BadInput, Conflict, Unavailable
 from .ingest import import_coco, ingest_upload, parse_coco_bytes
 from .jobs import mark_stale_jobs
 from .models import (Dataset, Evaluation, Image, InferenceRun, Job, ModelCheckpoint, Prediction, Project,
@@ -40,8 +40,21 @@ FILE_RESULTS = inline_serializer("FileResults", {"files": serializers.ListField(
                                                  "counts": serializers.DictField()})
 
 
-def _new_job(request, project, kind) -> Job:
-    return Job.objects.create(project=project, owner=request.user, kind=kind)
+def _new_job(request, project, kind, **fields) -> Job:
+    return Job.objects.create(project=project, owner=request.user, kind=kind, **fields)
+
+
+def _launch(job: Job, *undo):
+    """Send a new job's messages once its rows are committed. With the broker down: the rows go
+    (`undo`: the objects, then the job), and the answer is a 503 at once."""
+    def remove():
+        for obj in undo:
+            obj.delete()
+        job.delete()
+    try:
+        jobs.publish(job, lambda: tasks.send_job(job), remove)
+    except jobs.BrokerUnavailable as e:
+        raise Unavailable(str(e)) from None
 
 
 def _body(request) -> dict:
@@ -142,8 +155,12 @@ class DatasetViewSet(viewsets.ModelViewSet):
         with os.fdopen(fd, "wb") as out:
             for chunk in f.chunks():
                 out.write(chunk)
-        job = _new_job(request, ds.project, "ingest")
-        transaction.on_commit(lambda: tasks.ingest_zip_task.delay(job.pk, ds.pk, path))
+        job = _new_job(request, ds.project, "ingest", params={"dataset": ds.pk, "zip": path})
+        try:
+            _launch(job)
+        except Unavailable:
+            os.unlink(path)
+            raise
         return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request={"multipart/form-data": inline_serializer("CocoUpload", {
@@ -259,13 +276,11 @@ class ModelCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, m
 
 
 def cancel_job(job: Job) -> Response:
-    """Ask a running job to stop (its task checks); a job still queued is cancelled at once."""
+    """Ask a running job to stop (its task checks); a job still queued, or one whose worker is
+    gone, is cancelled at once."""
     if job.is_final:
         raise Conflict(f"the job is already {job.state}")
-    Job.objects.filter(pk=job.pk).update(cancel_requested=True)
-    Job.objects.filter(pk=job.pk, state=Job.QUEUED).update(state=Job.CANCELLED, finished=timezone.now())
-    job.refresh_from_db()
-    return Response(JobSerializer(job).data)
+    return Response(JobSerializer(jobs.cancel(job)).data)
 
 
 class JobControl:
@@ -274,14 +289,14 @@ class JobControl:
     def _cancel(self, obj):
         return cancel_job(obj.job)
 
-    def _retry(self, obj, send):
-        job = obj.job
-        if job.state not in (Job.FAILED, Job.CANCELLED):
-            raise Conflict(f"only failed or cancelled jobs can be retried; this one is {job.state}")
-        Job.objects.filter(pk=job.pk).update(state=Job.QUEUED, error="", cancel_requested=False, finished=None,
-                                             message="retrying: resumes from what was saved")
-        transaction.on_commit(send)
-        job.refresh_from_db()
+    def _retry(self, obj):
+        """A new attempt (the earlier attempt's messages do nothing any more), resuming from what was saved."""
+        try:
+            job = jobs.retry(obj.job, tasks.send_job)
+        except ValueError as e:
+            raise Conflict(str(e)) from None
+        except jobs.BrokerUnavailable as e:
+            raise Unavailable(str(e)) from None
         return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -317,7 +332,7 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         cs = serializer.validated_data["chunk_size"]
         views = [vw.name for vw in TransformSet.from_dict(serializer.validated_data["transforms"]).views]
         run = serializer.save(job=job, chunks_total=math.ceil(n / cs), view_names=views)
-        transaction.on_commit(lambda: tasks.launch_inference(run))
+        _launch(job, run)
 
     def perform_destroy(self, instance):
         if instance.pseudo_label_sets.exists():
@@ -336,7 +351,7 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
     def retry(self, request, pk=None):
         """Run the chunks that are not done yet (a killed worker's chunk is redone), then finalise."""
         run = self.get_object()
-        return self._retry(run, lambda: tasks.launch_inference(run))
+        return self._retry(run)
 
     @extend_schema(parameters=PREDICTION_PARAMS, responses={200: OpenApiTypes.OBJECT, **ERRORS})
     @action(detail=True)
@@ -523,7 +538,7 @@ class PseudoLabelSetViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixi
         run = serializer.validated_data["run"]
         job = _new_job(self.request, run.project, "pseudo_labels")
         pls = serializer.save(project=run.project, job=job)
-        transaction.on_commit(lambda: tasks.build_pseudo_labels.delay(pls.pk))
+        _launch(job, pls)
 
     def perform_destroy(self, instance):
         if instance.training_runs.exists():
@@ -579,7 +594,7 @@ class TrainingRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelMi
                     run = serializer.save(job=job)
             except IntegrityError:
                 raise Conflict("a run with this request_key was just started") from None
-        transaction.on_commit(lambda: tasks.train_model.delay(run.pk))
+        _launch(job, run)
 
     @extend_schema(request=None, responses={200: JobSerializer, 409: MESSAGE})
     @action(detail=True, methods=["post"])
@@ -591,7 +606,7 @@ class TrainingRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelMi
     def retry(self, request, pk=None):
         """Continue from the last saved checkpoint."""
         run = self.get_object()
-        return self._retry(run, lambda: tasks.train_model.delay(run.pk))
+        return self._retry(run)
 
 
 class EvaluationViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -605,7 +620,7 @@ class EvaluationViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.R
         ckpt = serializer.validated_data["checkpoint"]
         job = _new_job(self.request, ckpt.project, "evaluate")
         ev = serializer.save(project=ckpt.project, job=job)
-        transaction.on_commit(lambda: tasks.evaluate_checkpoint.delay(ev.pk))
+        _launch(job, ev)
 
 
 class JobViewSet(viewsets.ReadOnlyModelViewSet):
@@ -626,5 +641,5 @@ class JobViewSet(viewsets.ReadOnlyModelViewSet):
     def ping(self, request):
         """Send a no-op job through the broker to a worker: shows the workers are alive."""
         job = Job.objects.create(owner=request.user, kind="ping")
-        transaction.on_commit(lambda: tasks.ping.delay(job.pk))
+        _launch(job)
         return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)

@@ -30,6 +30,13 @@ class BadInput(APIException):
     default_code = "bad_input"
 
 
+class Unavailable(APIException):
+    """A service the request needs (the job queue) is down: nothing was done; try again later."""
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "a service this needs is unavailable; try again in a moment"
+    default_code = "unavailable"
+
+
 class TooLarge(APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "the request is too large"

@@ -122,6 +122,17 @@ class Job(models.Model):
     created = models.DateTimeField(auto_now_add=True)
     started = models.DateTimeField(null=True, blank=True)
     finished = models.DateTimeField(null=True, blank=True)
+    # Every retry is a new attempt; every message of the job carries its attempt, so the messages
+    # of an earlier attempt (a cancelled chord's leftover chunks) do nothing (jobs.acquire).
+    attempt = models.PositiveIntegerField(default=1)
+    # Set when a fault, not the work, ended the job (jobs.FAULTS): its worker vanished, its worker
+    # process died, or the broker was lost. A holder that still lives takes such a job back.
+    fault = models.CharField(max_length=16, blank=True)
+    # When its messages were last handed to the broker (None: not yet); the reaper re-sends
+    # what the broker lost.
+    dispatched = models.DateTimeField(null=True, blank=True)
+    # What sending it again needs beyond the object that owns it (ingest: the zip's path).
+    params = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created"]
@@ -131,10 +142,51 @@ class Job(models.Model):
         return self.state in self.FINAL
 
     def beat(self, **fields):
+        """Progress of this attempt; a holder whose attempt was superseded (retried) writes nothing."""
         fields["heartbeat"] = timezone.now()
-        Job.objects.filter(pk=self.pk).update(**fields)
+        Job.objects.filter(pk=self.pk, attempt=self.attempt).update(**fields)
         for k, v in fields.items():
             setattr(self, k, v)
+
+
+class JobLease(models.Model):
+    """Who runs a part of a job now ("" the whole job, "chunk-3", "finalize"): one holder at a
+    time, renewed by the holder's heartbeat; another copy of the message stops at once while the
+    holder lives (jobs.acquire). The row stays after release as the record of the last holder."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="leases")
+    part = models.CharField(max_length=32, blank=True)
+    attempt = models.PositiveIntegerField()
+    owner = models.CharField(max_length=64, help_text="one execution of one message")
+    worker = models.CharField(max_length=200, help_text="host:pid of the process that runs it")
+    host = models.CharField(max_length=200)
+    pid = models.IntegerField()
+    node = models.CharField(max_length=200, blank=True, help_text="WorkerHeartbeat.name of its worker")
+    expires = models.DateTimeField()
+    released = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "part"], name="one_lease_per_job_part")]
+
+
+class WorkerHeartbeat(models.Model):
+    """A Celery worker announcing itself (a thread of its main process, distill_app.workers):
+    alive until `expires`, and whether it reaches the broker."""
+
+    name = models.CharField(max_length=200, unique=True, help_text="node name:main pid")
+    node = models.CharField(max_length=200)
+    host = models.CharField(max_length=200)
+    pid = models.IntegerField()
+    queues = models.CharField(max_length=100, blank=True)
+    started = models.DateTimeField()
+    seen = models.DateTimeField()
+    expires = models.DateTimeField()
+    broker_ok = models.BooleanField(default=True)
+    broker_down_since = models.DateTimeField(null=True, blank=True)
+    broker_error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["name"]
 
 
 class ModelCheckpoint(models.Model):

@@ -87,7 +87,7 @@ class JobSerializer(ModelSerializer):
     class Meta:
         model = Job
         fields = ["id", "kind", "state", "progress", "message", "error", "result", "cancel_requested", "created",
-                  "started", "finished", "heartbeat"]
+                  "started", "finished", "heartbeat", "attempt", "fault"]
         read_only_fields = fields
 
 

@@ -111,7 +111,11 @@ DISTILL_MAX_ZIP_UNCOMPRESSED = envint("DISTILL_MAX_ZIP_UNCOMPRESSED", 20 * 1024 
 DISTILL_MAX_COCO_BYTES = envint("DISTILL_MAX_COCO_BYTES", 512 * 1024 * 1024, 1)
 DISTILL_INFERENCE_CHUNK = envint("DISTILL_INFERENCE_CHUNK", 64, 1)
 DISTILL_DEVICE = envstr("DISTILL_DEVICE", "")  # "", cpu, cuda, cuda:1
-DISTILL_JOB_STALE_SECONDS = envint("DISTILL_JOB_STALE_SECONDS", 900, 10)
+# A job's holder renews its lease every fifth of this; a job whose worker stopped announcing itself
+# for this long is failed with that reason, and lost queued work is sent again (jobs.py).
+DISTILL_JOB_STALE_SECONDS = envint("DISTILL_JOB_STALE_SECONDS", 30, 5)
+# Whether this process's Celery worker looks for lost work (every worker does by default).
+DISTILL_WORKER_REAPER = envbool("DISTILL_WORKER_REAPER", True)
 
 # Logins (API token and form): failed attempts per (client address, username) and per address
 # within the window; past either limit the client waits out the window (HTTP 429).
@@ -161,7 +165,12 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("DISTILL_VISIBILITY_TIMEOUT", 3600 * 6, 60)}
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("DISTILL_VISIBILITY_TIMEOUT", 3600 * 6, 60),
+                                   "socket_connect_timeout": 2}
+# A broker that is down fails a publish within about a second (the API answers 503), not after 20.
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {
     "distill_app.tasks.train_model": {"queue": "gpu"},
     "distill_app.tasks.infer_chunk": {"queue": "gpu"},

@@ -1,16 +1,18 @@
 """Celery tasks: thin shells that load rows, call ml_core with plain arguments and store results.
 
 Queues (settings.CELERY_TASK_ROUTES): train_model, infer_chunk and evaluate_checkpoint run on
-`gpu`; the rest on `cpu`. Every task is safe to run twice (jobs.running skips final jobs; an
-inference chunk whose rows exist is skipped), so late acknowledgement can redeliver freely.
+`gpu`; the rest on `cpu`. Every message carries its job's attempt (and job, attempt and part in its
+headers, so the reaper can tell a lost message from a waiting one). Every task is safe to receive
+twice (jobs.running skips final jobs, earlier attempts and parts a live holder runs; an inference
+chunk whose rows exist is skipped), so late acknowledgement and re-sending can redeliver freely.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
-from celery import chord
 from django.conf import settings
 from django.db import OperationalError, transaction
 from django.utils import timezone
@@ -23,10 +25,13 @@ from ml_core.tta import EnsembleOptions
 from . import threshold_stats
 from .celery import app
 from .ingest import dataset_to_coco, ingest_zip
-from .jobs import JobHook, Skip, check_cancel, progress_writer, running
+from .jobs import BROKER_ERRORS, JobHook, Skip, check_cancel, progress_writer, running
 from .models import (Dataset, Evaluation, Image, InferenceRun, Job, ModelCheckpoint, Prediction, PseudoLabelSet,
                      TrainingRun)
 from .selection_apply import write_pseudo_label_set
+from .workers import message_headers
+
+logger = logging.getLogger(__name__)
 
 
 def _device() -> str:
@@ -38,34 +43,59 @@ def _rel(path: Path) -> str:
 
 
 # A database that is briefly busy (SQLite under load, a PostgreSQL fail-over) is retried, with backoff.
+# Results live in the database, not in the result backend.
 TASK_OPTIONS = dict(acks_late=True, autoretry_for=(OperationalError,), retry_backoff=2, retry_jitter=True,
-                    max_retries=6)
+                    max_retries=6, ignore_result=True)
 
 
 def _guard(fn):
-    """Skip is how `running` says 'already done': not an error for Celery."""
+    """Skip is how `running` says 'nothing to do': not an error for Celery."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except Skip:
+        except Skip as e:
+            logger.warning("%s: skipped: %s", fn.__name__, e)
             return "skipped"
     return wrapper
 
 
+def _send(task, args: tuple, job: Job, part: str = "", **options):
+    task.apply_async(args, {"attempt": job.attempt}, headers=message_headers(job, part), **options)
+
+
+def send_job(job: Job):
+    """Send the messages of a job's current attempt: at creation, on retry, and when the reaper
+    finds them lost. What has been done already (finished chunks, checkpoints) is not redone."""
+    if job.kind == "train":
+        _send(train_model, (job.training_run.pk,), job)
+    elif job.kind == "infer":
+        launch_inference(job.inference_run)
+    elif job.kind == "evaluate":
+        _send(evaluate_checkpoint, (job.evaluation.pk,), job)
+    elif job.kind == "pseudo_labels":
+        _send(build_pseudo_labels, (job.pseudo_label_set.pk,), job)
+    elif job.kind == "ingest":
+        _send(ingest_zip_task, (job.pk, job.params["dataset"], job.params["zip"]), job)
+    elif job.kind == "ping":
+        _send(ping, (job.pk,), job)
+    else:
+        raise ValueError(f"no task sends a {job.kind} job")
+
+
 @app.task(**TASK_OPTIONS)
 @_guard
-def ping(job_id: int):
+def ping(job_id: int, attempt: int | None = None):
     """Round trip through the broker and a worker into the database (the foundation test)."""
-    with running(job_id) as job:
+    with running(job_id, attempt=attempt) as job:
         job.beat(result={"pong": True, "worker": job.worker, "pid": os.getpid()})
     return "pong"
 
 
 @app.task(**TASK_OPTIONS)
 @_guard
-def ingest_zip_task(job_id: int, dataset_id: int, zip_path: str):
-    with running(job_id) as job:
+def ingest_zip_task(job_id: int, dataset_id: int, zip_path: str, attempt: int | None = None):
+    with running(job_id, attempt=attempt) as job:
         try:
             result = ingest_zip(Dataset.objects.get(pk=dataset_id), zip_path,
                                 progress=progress_writer(job, label="files "))
@@ -82,9 +112,9 @@ def _write_coco(doc: dict, path: Path) -> str:
 
 @app.task(**TASK_OPTIONS)
 @_guard
-def train_model(run_id: int):
+def train_model(run_id: int, attempt: int | None = None):
     run = TrainingRun.objects.select_related("job", "labeled", "pseudo_label_set", "teacher", "validation").get(pk=run_id)
-    with running(run.job_id) as job:
+    with running(run.job_id, attempt=attempt) as job:
         folder = run.folder
         labeled_json = _write_coco(dataset_to_coco(run.labeled), folder / "labeled.json")
         out = folder / "model.pt"
@@ -125,14 +155,16 @@ def _evaluate_inline(ckpt: ModelCheckpoint, dataset: Dataset, job: Job) -> Evalu
 
 @app.task(**TASK_OPTIONS)
 @_guard
-def evaluate_checkpoint(evaluation_id: int):
+def evaluate_checkpoint(evaluation_id: int, attempt: int | None = None):
     ev = Evaluation.objects.select_related("checkpoint", "dataset", "job").get(pk=evaluation_id)
-    with running(ev.job_id) as job:
+    with running(ev.job_id, attempt=attempt) as job:
         ev.stats = _coco_ap(ev.checkpoint, ev.dataset, progress=progress_writer(job, label="images "))
         ev.save(update_fields=["stats"])
 
 
 # --- multi-transform inference: chunks any GPU worker can take, then one finaliser -------------
+# The chunk that completes the set sends the finaliser (no chord: nothing waits on a counter in
+# the result backend, which a Redis restart would lose).
 
 def run_images(run: InferenceRun) -> list[tuple[int, str]]:
     """(image id, path) of every image the run covers, in chunk order: unlabeled, then validation."""
@@ -143,22 +175,24 @@ def run_images(run: InferenceRun) -> list[tuple[int, str]]:
 
 
 def launch_inference(run: InferenceRun):
-    """Queue the chunks not yet done (all of them the first time; the rest on a retry)."""
+    """Queue the chunks not yet done (all of them the first time; the rest on a retry or a re-send),
+    or the finaliser when every chunk is done."""
+    job = run.job
     done = set(Prediction.objects.filter(run=run).values_list("chunk", flat=True).distinct())
     todo = [c for c in range(run.chunks_total) if c not in done]
-    finalize = finalize_inference.si(run.pk)
     if not todo:
-        finalize.apply_async()
-        return
-    chord([infer_chunk.si(run.pk, c) for c in todo])(finalize.on_error(job_failed.s(run.job_id)))
+        _send(finalize_inference, (run.pk,), job, "finalize", link_error=job_failed.s(job.pk, job.attempt))
+    for c in todo:
+        _send(infer_chunk, (run.pk, c), job, f"chunk-{c}", link_error=job_failed.s(job.pk, job.attempt))
 
 
-@app.task
-def job_failed(request, exc, traceback, job_id: int):
-    """Errback of a chord: a part that failed outside its job wrapper (its row gone, the database
-    unreachable after every retry) fails the job now instead of at the staleness check."""
+@app.task(ignore_result=True)
+def job_failed(request, exc, traceback, job_id: int, attempt: int | None = None):
+    """Errback of a job's parts: a part that failed outside its job wrapper (its row gone, the
+    database unreachable after every retry) fails the job now instead of leaving it running."""
     from .jobs import friendly_error
-    Job.objects.filter(pk=job_id).exclude(state__in=Job.FINAL).update(
+    jobs = Job.objects.filter(pk=job_id) if attempt is None else Job.objects.filter(pk=job_id, attempt=attempt)
+    jobs.exclude(state__in=Job.FINAL).update(
         state=Job.FAILED, error=f"a part of this job failed: {friendly_error(exc)}"[:5000], finished=timezone.now())
 
 
@@ -171,12 +205,13 @@ def _predictor(path: str, mtime: float, transforms: str, options: str, device: s
 
 @app.task(**TASK_OPTIONS)
 @_guard
-def infer_chunk(run_id: int, chunk: int):
+def infer_chunk(run_id: int, chunk: int, attempt: int | None = None):
     import json
     run = InferenceRun.objects.select_related("checkpoint", "job").get(pk=run_id)
     if Prediction.objects.filter(run=run, chunk=chunk).exists():
         return "done before"
-    with running(run.job_id, finish=False) as job:
+    done = 0
+    with running(run.job_id, attempt=attempt, part=f"chunk-{chunk}", finish=False) as job:
         items = run_images(run)[chunk * run.chunk_size:(chunk + 1) * run.chunk_size]
         val_ids = set(Image.objects.filter(dataset_id=run.validation_id, id__in=[i for i, _ in items])
                       .values_list("id", flat=True)) if run.validation_id else set()
@@ -203,19 +238,27 @@ def infer_chunk(run_id: int, chunk: int):
                                    validation=image_id in val_ids,
                                    max_score=max((d["score"] for d in ens), default=0.0), num_instances=len(ens),
                                    class_mask=mask, ensembled=ens, views=views))
+        check_cancel(job)
         with transaction.atomic():
-            if not Prediction.objects.filter(run=run, chunk=chunk).exists():
+            # only for the job's current attempt (a cancelled and retried job's chunk writes nothing)
+            if Job.objects.filter(pk=job.pk, attempt=job.attempt).exists() and \
+                    not Prediction.objects.filter(run=run, chunk=chunk).exists():
                 Prediction.objects.bulk_create(rows, batch_size=500)
         done = Prediction.objects.filter(run=run).values("chunk").distinct().count()
         job.beat(progress=round(0.95 * done / max(1, run.chunks_total), 4),
                  message=f"{done}/{run.chunks_total} chunks of {run.chunk_size} images")
+    if done >= run.chunks_total:
+        try:
+            _send(finalize_inference, (run.pk,), job, "finalize", link_error=job_failed.s(job.pk, job.attempt))
+        except BROKER_ERRORS:  # the reaper sends it once the broker is back
+            logger.warning("inference run %s: could not send its finaliser", run.pk)
 
 
 @app.task(**TASK_OPTIONS)
 @_guard
-def finalize_inference(run_id: int):
+def finalize_inference(run_id: int, attempt: int | None = None):
     run = InferenceRun.objects.select_related("job").get(pk=run_id)
-    with running(run.job_id) as job:
+    with running(run.job_id, attempt=attempt, part="finalize") as job:
         done = Prediction.objects.filter(run=run).values("chunk").distinct().count()
         if done < run.chunks_total:
             raise ValueError(f"only {done} of {run.chunks_total} chunks finished; retry to run the rest")
@@ -225,7 +268,7 @@ def finalize_inference(run_id: int):
 
 @app.task(**TASK_OPTIONS)
 @_guard
-def build_pseudo_labels(set_id: int):
+def build_pseudo_labels(set_id: int, attempt: int | None = None):
     pls = PseudoLabelSet.objects.select_related("run", "job").get(pk=set_id)
-    with running(pls.job_id) as job:
+    with running(pls.job_id, attempt=attempt) as job:
         write_pseudo_label_set(pls, progress=progress_writer(job, label="images "))

@@ -43,8 +43,9 @@ class TrainConfig:
     gamma: float = 0.1
     ratio: str = "6:4"
     amp: bool = True
-    # a resumable checkpoint every N iterations (0: only on cancellation and at the end)
-    checkpoint_every: int = 50
+    # a resumable checkpoint every N iterations; None (the default): every tenth of the run, at
+    # most 50 iterations apart; 0: only on cancellation and at the end
+    checkpoint_every: int | None = None
     log_every: int = 10
     clip_grad_norm: float = 10.0
     num_workers: int = 2
@@ -69,6 +70,10 @@ class TrainConfig:
             raise ValueError(f"steps are fractions of the schedule in (0, 1), got {self.steps}")
         parse_ratio(self.ratio)
         self.steps = tuple(self.steps)
+        if self.checkpoint_every is None and isinstance(self.iterations, int):
+            self.checkpoint_every = max(1, min(50, self.iterations // 10))
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
         if self.schedule not in ("auto", "steps", "plateau"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: auto, steps, plateau")
         if self.eval_every < 0 or self.patience < 1:

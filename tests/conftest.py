@@ -91,6 +91,29 @@ def png_bytes(w=64, h=48, color=(200, 30, 30), fmt="PNG"):
 
 # --- real services ------------------------------------------------------------------------------
 
+def use_broker(url: str):
+    """Point this process's Celery app (what the API publishes with) at the Redis at url."""
+    from distill_app.celery import app
+    app.conf.broker_url = url
+    app.conf.result_backend = url
+    # Earlier (eager) tests may have built connection pools and a result backend for another URL;
+    # drop them so that this process talks to this Redis.
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    if "amqp" in app.__dict__:
+        app.__dict__["amqp"]._producer_pool = None
+    app._local.__dict__.pop("backend", None)
+
+
+def worker_env(redis_url: str, media_root) -> dict:
+    """The environment of a worker process on the test database and the given Redis."""
+    from django.conf import settings
+    return {"REDIS_URL": redis_url, "CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url,
+            "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}", "DISTILL_MEDIA_DIR": str(media_root),
+            "DISTILL_DEVICE": "cpu", "DJANGO_SETTINGS_MODULE": "distill_app.settings"}
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     from distill_app.services import RedisServer
@@ -102,26 +125,14 @@ def redis_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def celery_worker_process(redis_server, django_db_setup, django_db_blocker, media_root, tmp_path_factory):
     """A real `celery worker` process on the real Redis, sharing the test database file."""
-    from django.conf import settings
-
     from distill_app.celery import app
     from distill_app.services import start_worker, stop_process
-    app.conf.broker_url = redis_server.url
-    app.conf.result_backend = redis_server.url
-    # Earlier (eager) tests may have built connection pools and a result backend for the default
-    # URL; drop them so that this process talks to the test Redis.
-    if app._pool is not None:
-        app._pool.force_close_all()
-    app._pool = None
-    if "amqp" in app.__dict__:
-        app.__dict__["amqp"]._producer_pool = None
-    app._local.__dict__.pop("backend", None)
-    db_name = settings.DATABASES["default"]["NAME"]
+    use_broker(redis_server.url)
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     log = open(log_path, "wb")
-    env = {"REDIS_URL": redis_server.url, "CELERY_BROKER_URL": redis_server.url, "CELERY_RESULT_BACKEND": redis_server.url,
-           "DATABASE_URL": f"sqlite:///{db_name}", "DISTILL_MEDIA_DIR": str(media_root), "DISTILL_DEVICE": "cpu",
-           "DJANGO_SETTINGS_MODULE": "distill_app.settings", "DISTILL_JOB_STALE_SECONDS": "600"}
+    # This worker does not look for lost work: tests with a Redis of their own (test_faults) share
+    # its database, and their messages are not in its broker.
+    env = {**worker_env(redis_server.url, media_root), "DISTILL_JOB_STALE_SECONDS": "600", "DISTILL_WORKER_REAPER": "0"}
     proc = start_worker(env=env, log=log, hostname="testworker@%h")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

@@ -70,10 +70,11 @@ def test_retry_runs_only_missing_chunks(as_alice, finished_run, monkeypatch):
     Job.objects.filter(pk=run.job_id).update(state=Job.FAILED, error="worker lost")
     calls = []
     real = tasks.infer_chunk.run
-    monkeypatch.setattr(tasks.infer_chunk, "run", lambda run_id, chunk: (calls.append(chunk), real(run_id, chunk))[1])
+    monkeypatch.setattr(tasks.infer_chunk, "run", lambda run_id, chunk, attempt=None:
+                        (calls.append((chunk, attempt)), real(run_id, chunk, attempt=attempt))[1])
     r = as_alice.post(f"/api/inference-runs/{run.pk}/retry/")
     assert r.status_code == 202
-    assert calls == [1]
+    assert calls == [(1, 2)]  # the missing chunk, as the job's second attempt
     assert as_alice.get(f"/api/inference-runs/{run.pk}/").json()["job"]["state"] == "succeeded"
     assert Prediction.objects.filter(run=run).count() == 10
 

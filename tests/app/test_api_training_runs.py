@@ -30,35 +30,122 @@ def test_bad_training_options(as_alice, det_project):
     assert "labeled dataset" in r.json()["message"]
 
 
-def test_cancel_a_queued_run_and_retry(as_alice, det_project):
-    from distill_app.celery import app
-    app.conf.task_always_eager = False  # keep it queued: no broker is asked because on_commit is patched
-    try:
-        import distill_app.tasks as tasks
-        sent = []
-        orig = tasks.train_model.delay
-        tasks.train_model.delay = lambda *a: sent.append(a)
-        r = as_alice.post("/api/training-runs/", {"project": det_project["project"], "arch": "fasterrcnn_tiny",
-                                                  "labeled": det_project["labeled"], "config": TINY_TRAIN}, format="json")
-        rid = r.json()["id"]
-        c = as_alice.post(f"/api/training-runs/{rid}/cancel/").json()
-        assert c["state"] == "cancelled"
-        assert as_alice.post(f"/api/training-runs/{rid}/cancel/").status_code == 409
-        assert as_alice.post(f"/api/training-runs/{rid}/retry/").json()["state"] == "queued"
-        assert len(sent) == 2
-    finally:
-        tasks.train_model.delay = orig
-        app.conf.task_always_eager = True
+def test_cancel_a_queued_run_and_retry(as_alice, det_project, monkeypatch):
+    import distill_app.tasks as tasks
+    sent = []
+    monkeypatch.setattr(tasks, "send_job", lambda job: sent.append((job.pk, job.attempt)))  # stays queued
+    r = as_alice.post("/api/training-runs/", {"project": det_project["project"], "arch": "fasterrcnn_tiny",
+                                              "labeled": det_project["labeled"], "config": TINY_TRAIN}, format="json")
+    rid = r.json()["id"]
+    c = as_alice.post(f"/api/training-runs/{rid}/cancel/").json()
+    assert c["state"] == "cancelled"
+    assert as_alice.post(f"/api/training-runs/{rid}/cancel/").status_code == 409
+    again = as_alice.post(f"/api/training-runs/{rid}/retry/").json()
+    assert again["state"] == "queued" and again["attempt"] == 2
+    assert sent == [(c["id"], 1), (c["id"], 2)]
 
 
-def test_a_job_whose_worker_vanished_is_marked_failed(as_alice, det_project, settings):
+def _lease(job, *, node, expires_in, host="elsewhere", pid=1):
     from datetime import timedelta
 
     from django.utils import timezone
-    job = Job.objects.create(owner=TrainingRun._meta.apps.get_model("auth", "User").objects.get(username="alice"),
-                             kind="train", state=Job.RUNNING, heartbeat=timezone.now() - timedelta(hours=2))
+
+    from distill_app.models import JobLease
+    return JobLease.objects.create(job=job, part="", attempt=job.attempt, owner="x", worker=f"{host}:{pid}", host=host,
+                                   pid=pid, node=node, expires=timezone.now() + timedelta(seconds=expires_in))
+
+
+def _worker(name, *, expires_in, broker_ok=True):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from distill_app.models import WorkerHeartbeat
+    now = timezone.now()
+    return WorkerHeartbeat.objects.create(name=name, node=name.split(":")[0], host="elsewhere", pid=1, started=now,
+                                          seen=now + timedelta(seconds=expires_in - 30),
+                                          expires=now + timedelta(seconds=expires_in), broker_ok=broker_ok,
+                                          broker_down_since=None if broker_ok else now)
+
+
+def test_a_job_whose_worker_vanished_is_marked_failed_with_that_reason(as_alice, alice):
+    job = Job.objects.create(owner=alice, kind="train", state=Job.RUNNING)
+    _worker("gpu1@box:7", expires_in=-5)  # stopped announcing itself
+    _lease(job, node="gpu1@box:7", expires_in=-1)
     got = as_alice.get(f"/api/jobs/{job.pk}/").json()
-    assert got["state"] == "failed" and "stopped reporting" in got["error"]
+    assert got["state"] == "failed" and got["fault"] == "worker_gone"
+    assert "gpu1@box:7" in got["error"] and "stopped announcing itself" in got["error"] and "broker" not in got["error"]
+
+
+def test_a_job_whose_worker_lost_the_broker_too_says_so(as_alice, alice):
+    job = Job.objects.create(owner=alice, kind="train", state=Job.RUNNING)
+    _worker("gpu1@box:7", expires_in=-5, broker_ok=False)
+    _lease(job, node="gpu1@box:7", expires_in=-1)
+    got = as_alice.get(f"/api/jobs/{job.pk}/").json()
+    assert got["fault"] == "worker_gone" and "lost the broker (Redis)" in got["error"]
+
+
+def test_a_job_whose_worker_lives_stays_running(as_alice, alice):
+    job = Job.objects.create(owner=alice, kind="train", state=Job.RUNNING)
+    _worker("gpu1@box:7", expires_in=30)
+    _lease(job, node="gpu1@box:7", expires_in=30)
+    assert as_alice.get(f"/api/jobs/{job.pk}/").json()["state"] == "running"
+    assert as_alice.post(f"/api/jobs/{job.pk}/cancel/").json()["state"] == "running"  # its holder stops it
+    assert Job.objects.get(pk=job.pk).cancel_requested
+
+
+def test_cancel_and_retry_of_a_job_whose_holder_is_dead_work_at_once(as_alice, alice, det_project, monkeypatch):
+    """The holder's process is gone (this machine's process table says so): no waiting for a lease to expire."""
+    import subprocess
+    import sys
+
+    import distill_app.tasks as tasks
+    from distill_app.jobs import HOST
+    from distill_app.models import JobLease
+    monkeypatch.setattr(tasks, "send_job", lambda job: None)
+    r = as_alice.post("/api/training-runs/", {"project": det_project["project"], "arch": "fasterrcnn_tiny",
+                                              "labeled": det_project["labeled"], "config": TINY_TRAIN}, format="json")
+    job = Job.objects.get(pk=r.json()["job"]["id"])
+    Job.objects.filter(pk=job.pk).update(state=Job.RUNNING)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _worker("gpu1@box:7", expires_in=30)
+    _lease(job, node="gpu1@box:7", expires_in=30, host=HOST, pid=dead.pid)
+    rid = r.json()["id"]
+    assert as_alice.post(f"/api/training-runs/{rid}/retry/").status_code == 202  # a running job, but nobody runs it
+    assert Job.objects.get(pk=job.pk).attempt == 2
+    Job.objects.filter(pk=job.pk).update(state=Job.RUNNING)  # the new attempt's holder died too
+    JobLease.objects.filter(job=job).update(attempt=2)
+    assert as_alice.post(f"/api/training-runs/{rid}/cancel/").json()["state"] == "cancelled"
+
+
+def test_a_new_run_checkpoints_by_default(as_alice, det_project, monkeypatch):
+    import distill_app.tasks as tasks
+    monkeypatch.setattr(tasks, "send_job", lambda job: None)
+    r = as_alice.post("/api/training-runs/", {"project": det_project["project"], "arch": "fasterrcnn_tiny",
+                                              "labeled": det_project["labeled"], "config": {"iterations": 500}},
+                      format="json")
+    assert r.json()["config"]["checkpoint_every"] == 50
+
+
+def test_a_broker_that_is_down_is_a_503_at_once_and_leaves_no_row(as_alice, det_project, monkeypatch):
+    import time
+
+    import distill_app.tasks as tasks
+    from distill_app.models import TrainingRun
+    from distill_app.services import free_port
+
+    def send(job):  # a publish to a port nobody listens on, with the settings' retry policy
+        with tasks.app.connection_for_write(f"redis://127.0.0.1:{free_port()}/0") as conn:
+            tasks.ping.apply_async((job.pk,), connection=conn)
+    monkeypatch.setattr(tasks, "send_job", send)
+    tasks.app.conf.task_always_eager = False  # the fixture puts it back
+    t = time.monotonic()
+    r = as_alice.post("/api/training-runs/", {"project": det_project["project"], "arch": "fasterrcnn_tiny",
+                                              "labeled": det_project["labeled"], "config": TINY_TRAIN}, format="json")
+    assert r.status_code == 503 and "Redis" in r.json()["message"] and time.monotonic() - t < 10
+    assert not TrainingRun.objects.exists() and not Job.objects.exists()
+    assert as_alice.post("/api/jobs/ping/").status_code == 503 and not Job.objects.exists()
 
 
 def test_student_needs_a_finished_pseudo_label_set(as_alice, det_project, finished_run):
