@@ -159,7 +159,7 @@ def cmd_infer(args):
     ts = TransformSet.parse(args.scales, flip=not args.no_flip, max_size=args.max_size)
     opts = EnsembleOptions(method=args.method, vote_thresh=args.vote_thresh, vote_scoring=args.vote_scoring,
                            heatmap_method=args.heatmap_method, keypoint_size_dependence=args.keypoint_size_dependence,
-                           keypoint_area_thresh=args.keypoint_area)
+                           keypoint_area_thresh=args.keypoint_area, union=args.union)
     results, errors, per_view = [], [], []
     paths = [str(root / im["file_name"]) for im in doc["images"]]
     for i, pred, err in pipeline.infer(args.checkpoint, paths, transforms=ts, options=opts, device=args.device,
@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vote-thresh", type=float, default=0.8)
     s.add_argument("--vote-scoring", default="id", choices=["id", "avg", "iou_avg"])
     s.add_argument("--heatmap-method", default="mean", choices=["mean", "max"])
+    s.add_argument("--union", default="post_nms", choices=["post_nms", "pre_nms"],
+                   help="which boxes of each view are ensembled: its NMS'd detections, or every box above the "
+                        "score threshold before NMS (Detectron's union; boxes only)")
     s.add_argument("--keypoint-size-dependence", action="store_true",
                    help="keypoints: small boxes ignore down-scaled views, large ones up-scaled views")
     s.add_argument("--keypoint-area", type=float, default=150.0 ** 2, metavar="PX2",

@@ -43,6 +43,13 @@ class EnsembleOptions:
     # Detectron's optional scale-size dependence of keypoint views (ensemble.size_dependent_views)
     keypoint_size_dependence: bool = False
     keypoint_area_thresh: float = 150.0 ** 2
+    # Which boxes of each view enter the union (Detectron's SCORE_HEUR: UNION):
+    # "post_nms": each view's detections after torchvision's per-class NMS and top-100;
+    # "pre_nms": every per-class box of every proposal above score_thresh, before any NMS (at most
+    # union_per_view per view), so box voting sees all of them. The compare view shows each view
+    # NMS'd either way. Boxes only: a keypoint model would run its head on every pre-NMS box.
+    union: str = "post_nms"
+    union_per_view: int = 1000
 
     def __post_init__(self):
         ensemble._check_choice(self.method, ensemble.BOX_METHODS, "box ensembling method")
@@ -54,6 +61,9 @@ class EnsembleOptions:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
         if not self.keypoint_area_thresh > 0:
             raise ValueError(f"keypoint_area_thresh must be positive, got {self.keypoint_area_thresh}")
+        ensemble._check_choice(self.union, ("post_nms", "pre_nms"), "union")
+        if not 1 <= self.union_per_view <= 100_000:
+            raise ValueError(f"union_per_view must lie in [1, 100000], got {self.union_per_view}")
 
     def box_kwargs(self) -> dict:
         return dict(method=self.method, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
@@ -125,6 +135,9 @@ class MultiTransformPredictor:
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
+        if self.keypoints and self.options.union == "pre_nms":
+            raise ValueError("the pre-NMS union is for box models: a keypoint model would run its keypoint head "
+                             "on every pre-NMS box of every view; use union 'post_nms'")
         if self.keypoints and transforms.flip and flip_inds is None:
             raise ValueError("flipped views of a keypoint model need the keypoint flip map "
                              "(declare flip_map, or run without flips)")
@@ -165,12 +178,35 @@ class MultiTransformPredictor:
     def predict(self, images: list[torch.Tensor]) -> list[ImagePrediction]:
         """Every view of every image in the group, then one ensembled prediction per image."""
         images = [im.to(self.device, non_blocking=True) for im in images]
-        t = self.model.transform
+        t, rh = self.model.transform, self.model.roi_heads
         own = t.min_size, t.max_size          # the views set them; the model keeps its own test size
+        heads = rh.nms_thresh, rh.detections_per_img
+        pre_nms = self.options.union == "pre_nms"
+        if pre_nms:
+            # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
+            rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view
         try:
-            return self._predict_fast(images) if self.fast else self._predict_plain(images)
+            results = self._predict_fast(images) if self.fast else self._predict_plain(images)
         finally:
             t.min_size, t.max_size = own
+            rh.nms_thresh, rh.detections_per_img = heads
+        if pre_nms:
+            for r in results:
+                self._nms_views(r, *heads)
+        return results
+
+    @staticmethod
+    def _nms_views(r: "ImagePrediction", nms_thresh: float, per_view: int):
+        """The pre-NMS union's views, NMS'd per class as the model would (what the compare view
+        shows and agreement measures); the ensemble was already made from all of them."""
+        from torchvision.ops import batched_nms
+        for name, v in r.views.items():
+            keep = batched_nms(v.boxes, v.scores, v.labels, nms_thresh)[:per_view]
+            r.views[name] = Instances(v.boxes[keep], v.scores[keep], v.labels[keep],
+                                      None if v.keypoints is None else v.keypoints[keep])
+        union = list(r.views.values())
+        r.agreement = ensemble.agreement([u.boxes for u in union], [u.labels for u in union],
+                                         r.ensembled.boxes, r.ensembled.labels)
 
     def _predict_plain(self, images: list[torch.Tensor]) -> list[ImagePrediction]:
         n = len(images)

@@ -115,3 +115,32 @@ def test_a_keypoint_model_that_finds_nothing_predicts_empty_lists(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
     meta = {"categories": [{"id": 1, "name": "figure"}]}
     assert predict_single_view(m, meta, [tmp_path / "a.png"], device="cpu") == [[]]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_pre_nms_union_votes_over_every_box_and_shows_each_view_nmsd(det_model, fast):
+    """Detectron's SCORE_HEUR UNION: the ensemble sees every per-class box above the score
+    threshold, before NMS; the views shown are what the model's own NMS makes of them."""
+    ts = TransformSet([48, 80], flip=True, max_size=200)
+    x = [torch.rand(3, 60, 90), torch.rand(3, 72, 64)]
+    post = MultiTransformPredictor(det_model, ts, fast=fast).predict(x)
+    pre_p = MultiTransformPredictor(det_model, ts, fast=fast, options=EnsembleOptions(union="pre_nms"))
+    pre = pre_p.predict(x)
+    assert det_model.roi_heads.nms_thresh == 0.5 and det_model.roi_heads.detections_per_img == 100  # restored
+    for a, b in zip(post, pre):
+        for name in a.views:
+            assert len(a.views[name].boxes) == len(b.views[name].boxes)
+            assert torch.allclose(a.views[name].boxes, b.views[name].boxes, atol=1e-3)
+            assert torch.allclose(a.views[name].scores, b.views[name].scores, atol=1e-5)
+        assert 0 <= b.agreement <= 1 and len(b.ensembled.boxes) <= 100
+    # the ensembles differ because voting saw more boxes
+    assert any(len(a.ensembled.boxes) != len(b.ensembled.boxes)
+               or not torch.allclose(a.ensembled.boxes, b.ensembled.boxes) for a, b in zip(post, pre))
+
+
+def test_pre_nms_union_is_refused_for_keypoint_models():
+    m, _ = build_model("keypointrcnn_tiny", 2, num_keypoints=3, min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="box models"):
+        MultiTransformPredictor(m, TransformSet([64], flip=False), options=EnsembleOptions(union="pre_nms"))
+    with pytest.raises(ValueError, match="union"):
+        EnsembleOptions(union="everything")
