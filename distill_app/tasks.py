@@ -18,7 +18,7 @@ from django.db import OperationalError, transaction
 from django.utils import timezone
 
 from ml_core import pipeline
-from ml_core.engine import TrainConfig
+from ml_core.engine import TrainConfig, default_iterations
 from ml_core.transforms import TransformSet
 from ml_core.tta import EnsembleOptions
 
@@ -110,6 +110,19 @@ def _write_coco(doc: dict, path: Path) -> str:
     return pipeline.write_json(path, doc)
 
 
+def _sized_config(run: TrainingRun, pseudo) -> TrainConfig:
+    """The run's config; iterations None ('auto') becomes a bound sized from the data and this
+    worker's device (engine.default_iterations), written back so the page shows it."""
+    config = dict(run.config)
+    if config.get("iterations") is None:
+        n = run.labeled.images.filter(annotations__isnull=False).distinct().count()
+        n += pseudo.counts.get("images", 0) if pseudo is not None else 0
+        config["iterations"] = default_iterations(n, config.get("batch_size", 4), _device())
+        config["warmup_iters"] = min(config.get("warmup_iters", 100), max(1, config["iterations"] // 4))
+        TrainingRun.objects.filter(pk=run.pk).update(config=config)
+    return TrainConfig.from_dict(config)
+
+
 @app.task(**TASK_OPTIONS)
 @_guard
 def train_model(run_id: int, attempt: int | None = None):
@@ -122,10 +135,14 @@ def train_model(run_id: int, attempt: int | None = None):
         if pseudo is not None and pseudo.job.state != Job.SUCCEEDED:
             raise ValueError("the pseudo-label set is not finished")
         span = 0.9 if run.validation_id else 1.0
+        config = _sized_config(run, pseudo)
+        # With a validation set, AP is tracked during training (best weights kept, plateau schedule).
+        val_json = _write_coco(dataset_to_coco(run.validation), folder / "val.json") if run.validation_id else None
         pipeline.train(labeled_json, settings.MEDIA_ROOT, str(out), arch=run.arch,
-                       config=TrainConfig.from_dict(run.config), pseudo_json=str(pseudo.path) if pseudo else None,
+                       config=config, pseudo_json=str(pseudo.path) if pseudo else None,
                        pseudo_root=str(settings.MEDIA_ROOT), teacher=str(run.teacher.path) if run.teacher else None,
-                       init=run.init, min_size=run.min_size, role=run.role, hooks=[JobHook(job, run, span=span)], device=_device())
+                       init=run.init, min_size=run.min_size, role=run.role, hooks=[JobHook(job, run, span=span)], device=_device(),
+                       val_json=val_json, val_root=str(settings.MEDIA_ROOT) if val_json else None)
         meta = pipeline.read_checkpoint(str(out))["meta"]
         ckpt, _ = ModelCheckpoint.objects.get_or_create(
             training_run=run, defaults=dict(project=run.project, name=f"{run.role} #{run.pk}", role=run.role,

@@ -169,3 +169,28 @@ def test_student_run_end_to_end(as_alice, det_project, finished_run, teacher):
     assert run["role"] == "student" and run["teacher"] == teacher["checkpoint"] and run["job"]["state"] == "succeeded"
     roles = {e["checkpoint_role"] for e in as_alice.get(f"/api/evaluations/?project={det_project['project']}").json()["results"]}
     assert roles == {"teacher", "student"}
+
+
+def test_training_with_a_validation_set_reports_the_validation_curve(as_alice, det_project, teacher):
+    v = teacher["job"]["result"]["validation"]
+    assert [p["iteration"] for p in v["history"]] == [2] and v["best"]["iteration"] == 2
+    assert v["stopped"].startswith("reached the iteration bound")
+
+
+def test_iterations_left_out_are_sized_by_the_worker_from_the_data(as_alice, det_project):
+    from distill_app.tasks import _sized_config
+    from ml_core.engine import default_iterations
+    body = {"project": det_project["project"], "arch": "fasterrcnn_tiny", "labeled": det_project["labeled"],
+            "config": {"batch_size": 2}}
+    serializer_cfg = None
+    from distill_app.serializers import TrainingRunSerializer
+    from rest_framework.test import APIRequestFactory
+    request = APIRequestFactory().post("/")
+    request.user = TrainingRun._meta.get_field("project").related_model.objects.get(pk=det_project["project"]).owner
+    s = TrainingRunSerializer(data=body, context={"request": request})
+    assert s.is_valid(), s.errors
+    serializer_cfg = s.validated_data["config"]
+    assert serializer_cfg["iterations"] is None  # auto until a worker knows its device
+    run = TrainingRun(pk=None, labeled_id=det_project["labeled"], config=serializer_cfg)
+    cfg = _sized_config(run, None)
+    assert cfg.iterations == default_iterations(6, 2, "cpu") and cfg.warmup_iters <= cfg.iterations // 4
