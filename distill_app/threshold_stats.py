@@ -127,7 +127,21 @@ def _load(npz_path: str, json_path: str, mtime: float):
         arrays = {k: z[k] for k in z.files}
     with open(json_path) as f:
         summary = json.load(f)
+    arrays["_index"] = _index(arrays)
     return arrays, summary
+
+
+def _index(a: dict) -> dict:
+    """Derived once per loaded file, so that `at` costs O(images x classes), not O(instances): each
+    class's scores sorted, and each image's best score per class (-1 where it has none)."""
+    cats = np.unique(a["u_cats"])
+    n = int(a["n_images"])
+    sorted_scores, best = [], np.full((len(cats), n), -1.0, np.float32)
+    for j, c in enumerate(cats):
+        m = a["u_cats"] == c
+        sorted_scores.append(np.sort(a["u_scores"][m]))
+        np.maximum.at(best[j], a["u_img"][m], a["u_scores"][m])
+    return {"cats": cats, "sorted": sorted_scores, "best": best}
 
 
 def load(run: InferenceRun):
@@ -150,12 +164,17 @@ def at(run: InferenceRun, thresholds: dict) -> dict:
     split, their precision and recall at IoU 0.5)."""
     a, summary = load(run)
     n = int(a["n_images"])
-    keep = a["u_scores"] >= _per_instance(a["u_cats"], thresholds)
-    kept_imgs = np.bincount(a["u_img"][keep], minlength=max(n, 1)) > 0 if n else np.zeros(0, bool)
-    current = {"thresholds": thresholds, "instances": int(keep.sum()),
-               "instances_per_image": round(float(keep.sum()) / n, 4) if n else 0.0,
-               "images_with_labels": int(kept_imgs.sum()), "images": n,
-               "per_category": {str(int(c)): int((keep & (a["u_cats"] == c)).sum()) for c in np.unique(a["u_cats"])}}
+    ix = a["_index"]
+    by_cat = {int(k): v for k, v in thresholds.items() if k != "default"}
+    t = np.asarray([by_cat.get(int(c), thresholds.get("default", 0.5)) for c in ix["cats"]], np.float32)
+    # score >= threshold, as float32 like the scores: counted by binary search in each class's sorted scores
+    per_cat = [len(s) - int(np.searchsorted(s, t[j], side="left")) for j, s in enumerate(ix["sorted"])]
+    kept = sum(per_cat)
+    with_labels = int((ix["best"] >= t[:, None]).any(axis=0).sum()) if n and len(t) else 0
+    current = {"thresholds": thresholds, "instances": kept,
+               "instances_per_image": round(float(kept) / n, 4) if n else 0.0,
+               "images_with_labels": with_labels, "images": n,
+               "per_category": {str(int(c)): per_cat[j] for j, c in enumerate(ix["cats"])}}
     if summary.get("validation"):
         vk = a["v_scores"] >= _per_instance(a["v_cats"], thresholds)
         tp = int((a["v_tp"] & vk).sum())
