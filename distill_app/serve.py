@@ -131,7 +131,8 @@ def web_command(host: str, port: int) -> list[str]:
     threads = envint("DISTILL_WEB_THREADS", 8, 1, 256)
     return [sys.executable, "-m", "gunicorn", "distill_app.wsgi:application", "--bind", f"{host}:{port}",
             "--workers", str(workers), "--threads", str(threads), "--worker-class", "gthread", "--timeout", "120",
-            "--graceful-timeout", "5", "--backlog", "2048", "--access-logfile", "-", "--error-logfile", "-"]
+            "--graceful-timeout", "5", "--backlog", "2048", "--keep-alive", "75",  # browsers reuse connections
+            "--access-logfile", "-", "--error-logfile", "-"]
 
 
 def serve(host: str | None = None, port: int | None = None, demo: bool = True, worker: bool = True) -> int:
