@@ -132,7 +132,8 @@ def web_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "distill_app.wsgi:application", "--bind", f"{host}:{port}",
             "--workers", str(workers), "--threads", str(threads), "--worker-class", "gthread", "--timeout", "120",
             "--graceful-timeout", "5", "--backlog", "2048", "--keep-alive", "75",  # browsers reuse connections
-            "--access-logfile", "-", "--error-logfile", "-"]
+            # the app (and PyTorch) loaded once, before the port opens: a web process that answers is ready
+            "--preload", "--access-logfile", "-", "--error-logfile", "-"]
 
 
 def serve(host: str | None = None, port: int | None = None, demo: bool = True, worker: bool = True) -> int:
