@@ -253,9 +253,11 @@ class Prediction(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["run", "image"], name="one_prediction_per_image")]
-        # the review screen's orderings, without a join to Image
-        indexes = [models.Index(fields=["run", "validation", "agreement"]), models.Index(fields=["run", "chunk"]),
-                   models.Index(fields=["run", "validation", "max_score"]), models.Index(fields=["run", "validation", "image"])]
+        # the review screen's orderings, without a join to Image; id is the orderings' tie-break, so
+        # PostgreSQL pages by an index-only walk instead of sorting the whole run (SQLite has it as rowid)
+        indexes = [models.Index(fields=["run", "validation", "agreement", "id"]), models.Index(fields=["run", "chunk"]),
+                   models.Index(fields=["run", "validation", "max_score", "id"]),
+                   models.Index(fields=["run", "validation", "image"])]
 
 
 class Review(models.Model):
