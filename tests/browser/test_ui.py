@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,7 @@ def test_expired_session_goes_to_login_and_back_without_losing_edits(page, live_
     page.fill("input[name=username]", "alice")
     page.fill("input[name=password]", "alice-password-123")
     page.click("button[type=submit]")
-    page.wait_for_url(f"**/runs/{run}/review/")
+    page.wait_for_url(re.compile(rf"/runs/{run}/review/(\?.*)?$"))  # the review URL keeps its filters
     page.wait_for_selector("#review[data-ready='1']")
     page.select_option("#ordering", "image")
     page.wait_for_function("document.querySelectorAll('.tile').length === 12")

@@ -25,6 +25,8 @@
   };
   let hist = null, pr = null;
 
+  // thresholds live on the sliders' 0.001 grid, so what a slider shows is what is in force
+  const snap = (t) => Math.round(t * 1000) / 1000;
   const thresholdOf = (cat) => (state.perClass && state.classT[cat] !== undefined ? state.classT[cat] : state.global);
   const uniform = () => !state.perClass || state.cats.every((c) => thresholdOf(c.id) === state.global);
 
@@ -185,13 +187,13 @@
   function readUrl() {
     const q = new URLSearchParams(location.search);
     const t = parseFloat(q.get("t"));
-    if (Number.isFinite(t) && t >= 0 && t <= 1) state.global = t;
+    if (Number.isFinite(t) && t >= 0 && t <= 1) state.global = snap(t);
     for (const c of state.cats) state.classT[c.id] = state.global;
     if (q.get("pc")) {
       state.perClass = true;
       for (const part of q.get("pc").split(",")) {
         const [id, v] = part.split(":"), x = parseFloat(v);
-        if (state.classT[id] !== undefined && Number.isFinite(x) && x >= 0 && x <= 1) state.classT[id] = x;
+        if (state.classT[id] !== undefined && Number.isFinite(x) && x >= 0 && x <= 1) state.classT[id] = snap(x);
       }
     }
     for (const k of FILTERS) if (q.get(k) != null) state[k] = q.get(k);
@@ -361,7 +363,7 @@
   });
   $("use-auto").addEventListener("click", () => {
     if (state.run.auto_threshold == null) return toast("no automatic threshold: the project has no labeled set", "error");
-    state.global = state.run.auto_threshold;
+    state.global = snap(state.run.auto_threshold);
     for (const c of state.cats) state.classT[c.id] = state.global;
     showThresholds(); onThresholdChange();
   });
@@ -814,7 +816,7 @@
       const sc = await api(`/api/inference-runs/${RUN}/scores/`);
       state.S = Float32Array.from(sc.scores); state.C = Int32Array.from(sc.categories); state.I = Int32Array.from(sc.image_index);
       state.nImages = sc.image_ids.length; state.val = sc.validation; state.labeledPerImage = sc.summary.labeled_instances_per_image;
-      state.global = state.run.auto_threshold ?? 0.5;
+      state.global = snap(state.run.auto_threshold ?? 0.5);
       $("auto-value").textContent = state.run.auto_threshold == null ? "(n/a)" : state.run.auto_threshold.toFixed(2);
       buildClassSliders();
       readUrl();
