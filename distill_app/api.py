@@ -305,7 +305,16 @@ PREDICTION_PARAMS = [
                      description="agreement = least agreement between views first"),
     OpenApiParameter("category", int, description="only images with an instance of this category id"),
     OpenApiParameter("review", str, enum=["none", "accepted", "rejected", "edited", "any"]),
-    OpenApiParameter("min_score", float, description="only images whose best instance scores at least this"),
+    OpenApiParameter("min_score", float, description="only images whose best instance scores at least this "
+                     "(with category: whose best instance of that category)"),
+    OpenApiParameter("max_score", float, description="only images whose best instance scores at most this "
+                     "(with category: whose best instance of that category)"),
+    OpenApiParameter("max_agreement", float, description="only images whose views agree at most this much"),
+    OpenApiParameter("thresholds", str, description='per-class JSON for kept_min/kept_max, e.g. {"default": 0.5}'),
+    OpenApiParameter("kept_min", int, description="only images keeping at least this many instances at the thresholds"),
+    OpenApiParameter("kept_max", int, description="only images keeping at most this many instances at the thresholds"),
+    OpenApiParameter("compact", bool, description="ensembled instances as [x, y, w, h, score, category_id(, keypoints)] "
+                     "rounded to 0.1 px and 1e-5 (as /scores/), without the derivable urls (what the review grid draws)"),
     OpenApiParameter("image", int, description="only this image"),
     OpenApiParameter("views", bool, description="include every single view's predictions (default true)"),
 ]
@@ -365,21 +374,36 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
                   "max_score": ("max_score", "id"), "-max_score": ("-max_score", "-id"), "image": ("image_id",)}
         if order not in fields:
             raise BadInput(f"ordering must be one of {', '.join(fields)}")
+        category = None
         if p.get("category"):
             idx = [i for i, c in enumerate(run.project.categories) if str(c["id"]) == p["category"]]
             if not idx:
                 raise BadInput(f"category {p['category']} is not one of the project's")
+            category = run.project.categories[idx[0]]["id"]
             qs = qs.extra(where=["(class_mask & %s) != 0"], params=[1 << idx[0]])
         if p.get("image"):
             qs = qs.filter(image_id=parse_id(p["image"], "image"))
-        if p.get("min_score"):
+
+        def number(name):
+            if not p.get(name):
+                return None
             try:
-                min_score = float(p["min_score"])
+                v = float(p[name])
             except ValueError:
-                raise BadInput("min_score must be a number") from None
-            if not math.isfinite(min_score):
-                raise BadInput("min_score must be a finite number")
+                raise BadInput(f"{name} must be a number") from None
+            if not math.isfinite(v):
+                raise BadInput(f"{name} must be a finite number")
+            return v
+        min_score, max_score, max_agreement = number("min_score"), number("max_score"), number("max_agreement")
+        kept_min, kept_max = number("kept_min"), number("kept_max")
+        if min_score is not None:
             qs = qs.filter(max_score__gte=min_score)
+        if max_score is not None and category is None:
+            qs = qs.filter(max_score__lte=max_score)
+        if max_agreement is not None:
+            qs = qs.filter(agreement__lte=max_agreement)
+        th = parse_thresholds(p.get("thresholds"), fallback=run.auto_threshold if run.auto_threshold is not None else 0.5) \
+            if kept_min is not None or kept_max is not None else None
         review = p.get("review")
         if review == "none":
             qs = qs.exclude(image__reviews__run=run)
@@ -394,7 +418,25 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
             (["views"] if with_views else [])
         # Page through ids alone (a covering index walk, cheap even at a deep offset), then load
         # only the page's rows: SQLite would otherwise read every skipped row's JSON.
-        ids = self.paginate_queryset(qs.order_by(*fields[order]).values_list("id", flat=True))
+        ordered = qs.order_by(*fields[order])
+        if (category is not None and (min_score is not None or max_score is not None)) or th is not None:
+            # Filters on the instances themselves (one category's scores, how many the thresholds
+            # keep): read on the rows the indexed filters above left, in order, then paged.
+            def keep(ens):
+                if category is not None and (min_score is not None or max_score is not None):
+                    best = max((d["score"] for d in ens if d["category_id"] == category), default=None)
+                    if best is None or (min_score is not None and best < min_score) or \
+                            (max_score is not None and best > max_score):
+                        return False
+                if th is not None:
+                    n = sum(d["score"] >= th.get(str(d["category_id"]), th["default"]) for d in ens)
+                    if (kept_min is not None and n < kept_min) or (kept_max is not None and n > kept_max):
+                        return False
+                return True
+            ordered = [i for i, ens in ordered.values_list("id", "ensembled").iterator(chunk_size=2000) if keep(ens)]
+        else:
+            ordered = ordered.values_list("id", flat=True)
+        ids = self.paginate_queryset(ordered)
         rows = {r["id"]: r for r in Prediction.objects.filter(id__in=list(ids)).values(*cols)}
         page = [rows[i] for i in ids]
         # a second query for the page's images keeps the ordering on the prediction index alone
@@ -406,6 +448,17 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         reviews = {r["image_id"]: r for r in Review.objects.filter(run=run, image_id__in=[r["image_id"] for r in page])
                    .values("id", "image_id", "state", "instances", "updated")}
         out = []
+        if p.get("compact", "").lower() in ("1", "true", "yes"):
+            def row(d):
+                b = d["bbox"]
+                a = [round(b[0], 1), round(b[1], 1), round(b[2], 1), round(b[3], 1), round(d["score"], 5), d["category_id"]]
+                return a + [[round(v, 1) for v in d["keypoints"]]] if d.get("keypoints") else a
+            for r in page:
+                out.append({"image": r["image_id"], "file_name": r["image__file_name"], "width": r["image__width"],
+                            "height": r["image__height"], "agreement": round(r["agreement"], 4),
+                            "max_score": round(r["max_score"], 4), "ensembled": [row(d) for d in r["ensembled"]],
+                            **({"error": r["error"]} if r["error"] else {}), "review": reviews.get(r["image_id"])})
+            return self.get_paginated_response(out)
         for r in page:
             out.append({"image": r["image_id"], "file_name": r["image__file_name"], "width": r["image__width"],
                         "height": r["image__height"], "url": f"/api/images/{r['image_id']}/file/",
@@ -447,7 +500,8 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
             raise Conflict("the run's statistics files are missing from the media folder; start a new inference run") from None
 
     @extend_schema(request=inline_serializer("BulkAccept", {"threshold": serializers.FloatField(required=False),
-                                                            "thresholds": serializers.DictField(required=False)}),
+                                                            "thresholds": serializers.DictField(required=False),
+                                                            "dry_run": serializers.BooleanField(required=False)}),
                    responses={200: OpenApiTypes.OBJECT, **ERRORS})
     @action(detail=True, methods=["post"], url_path="bulk-accept")
     def bulk_accept(self, request, pk=None):
@@ -465,8 +519,29 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
             if any(d["score"] >= th.get(str(d["category_id"]), th["default"]) for d in ens):
                 new.append(Review(run=run, image_id=image_id, state="accepted", user=request.user,
                                   history=[{"state": None, "instances": None, "at": timezone.now().isoformat()}]))
+        if body.get("dry_run") is True:  # the count a confirmation shows, nothing written
+            return Response({"accepted": len(new)})
         Review.objects.bulk_create(new, batch_size=1000, ignore_conflicts=True)
-        return Response({"accepted": len(new)})
+        return Response({"accepted": len(new), "images": [r.image_id for r in new]})
+
+    @extend_schema(request=inline_serializer("BulkUndo", {"images": serializers.ListField(child=serializers.IntegerField())}),
+                   responses={200: OpenApiTypes.OBJECT, **ERRORS})
+    @action(detail=True, methods=["post"], url_path="bulk-undo")
+    def bulk_undo(self, request, pk=None):
+        """Undo a bulk accept as one step: the given images' reviews that are still that single
+        acceptance (not changed since) are removed."""
+        run = self.get_object()
+        images = _body(request).get("images")
+        if not isinstance(images, list) or len(images) > 1_000_000 or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in images):
+            raise BadInput("images must be a list of image ids")
+        undone = 0
+        for start in range(0, len(images), 500):
+            chunk = images[start:start + 500]
+            ids = [r.pk for r in Review.objects.filter(run=run, image_id__in=chunk, state="accepted")
+                   if len(r.history) == 1 and r.history[0]["state"] is None]
+            undone += Review.objects.filter(pk__in=ids).delete()[0]
+        return Response({"undone": undone})
 
 
 class ReviewViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
