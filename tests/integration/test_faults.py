@@ -22,7 +22,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 STALE = 5  # DISTILL_JOB_STALE_SECONDS here: holders and workers beat every second, faults show within ~5 s
 FAST_VIEWS = {"scales": [48, 64], "flip": True, "max_size": 200}
-SLOW_VIEWS = {"scales": [96, 128, 160, 192], "flip": True, "max_size": 400}  # a chunk of 16 takes longer than a lease
+SLOW_VIEWS = {"scales": [96, 128, 160, 192], "flip": True, "max_size": 400}
 
 
 class Rig:
@@ -107,6 +107,15 @@ def synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def synth_many(tmp_path_factory):
+    """40 unlabeled images: one chunk of them outlasts a lease even on a fast CPU."""
+    from ml_core.synth import SynthConfig, generate
+    out = tmp_path_factory.mktemp("synth_faults_many")
+    generate(out, SynthConfig(kind="detection", image_size=64, labeled=1, unlabeled=40, val=1, seed=6))
+    return out
+
+
+@pytest.fixture(scope="module")
 def teacher_file(synth, tmp_path_factory):
     from ml_core import pipeline
     from ml_core.engine import TrainConfig
@@ -182,8 +191,8 @@ def test_a_killed_worker_fails_its_job_with_that_reason_and_a_retry_resumes_from
     from distill_app.models import Job, TrainingRun
     [worker] = rig.alive(1)
     ids = _project(as_alice, synth, labeled=True)
-    run = _train(as_alice, ids, iterations=20)  # no checkpoint_every given: the default checkpoints
-    assert run["config"]["checkpoint_every"] == 2
+    run = _train(as_alice, ids, iterations=30)  # no checkpoint_every given: the default checkpoints
+    assert run["config"]["checkpoint_every"] == 3
     wait_for(lambda: Job.objects.get(pk=run["job"]["id"]).progress >= 0.3, timeout=120, interval=0.1,
              what="training to pass a checkpoint")
     rig.kill(worker)
@@ -194,14 +203,14 @@ def test_a_killed_worker_fails_its_job_with_that_reason_and_a_retry_resumes_from
     assert "broker" not in failed["error"]
     assert time.monotonic() - killed < 60
     saved = read_checkpoint(str(TrainingRun.objects.get(pk=run["id"]).folder / "model.pt"))
-    assert saved["iteration"] >= 4 and "optimizer" in saved
+    assert saved["iteration"] >= 6 and "optimizer" in saved
 
     r = as_alice.post(f"/api/training-runs/{run['id']}/retry/")
     assert r.status_code == 202 and r.json()["attempt"] == 2
     [again] = rig.alive(1)
     done = _ends(as_alice, f"/api/training-runs/{run['id']}/", timeout=150)["job"]
     assert done["state"] == "succeeded", done
-    _history_ok(run["id"], 20)
+    _history_ok(run["id"], 30)
     assert f"job {run['job']['id']} attempt 2: started" in rig.log(again)
 
 
@@ -265,33 +274,36 @@ def test_a_lost_broker_gives_503s_its_reason_and_lost_messages_are_sent_again(ri
     assert "Redis" in lost["error"] and "unreachable" in lost["error"]
     assert as_alice.post(f"{path}retry/").status_code == 503  # still down: nothing changes
     assert Job.objects.get(pk=job_id).attempt == 1
-    assert Job.objects.get(pk=long_run["job"]["id"]).state == "running"  # the running one goes on
+    assert Job.objects.get(pk=long_run["job"]["id"]).state != "failed"  # the running one goes on
 
     rig.redis.start()  # empty
-    r = as_alice.post(f"{path}retry/")
-    assert r.status_code == 202 and r.json()["attempt"] == 2
-    rig.redis.stop()
-    rig.redis.start()  # a quick restart: no fault, but the retried job's message is gone
-    done = _ends(as_alice, path, timeout=120)["job"]
-    assert done["state"] == "succeeded" and done["attempt"] == 2, done
-    log = rig.log(worker)
-    assert f"job {job_id} attempt 2 (queued): its message is gone from the broker; sending it again" in log
-    assert log.count(f"job {job_id} attempt 2: started") == 1 and f"job {job_id} attempt 1: started" not in log
     end = _ends(as_alice, f"/api/training-runs/{long_run['id']}/", timeout=120)["job"]
     assert end["state"] == "succeeded", end
     _history_ok(long_run["id"], 30)
-    assert log.count(f"job {long_run['job']['id']} attempt 1: started") == 1
+    assert rig.log(worker).count(f"job {long_run['job']['id']} attempt 1: started") == 1
+
+    rig.kill(worker)  # nobody takes the retried job's message before Redis loses it
+    r = as_alice.post(f"{path}retry/")
+    assert r.status_code == 202 and r.json()["attempt"] == 2
+    rig.redis.stop()
+    rig.redis.start()  # a quick restart: no fault, but the message is gone
+    [again] = rig.alive(1)
+    done = _ends(as_alice, path, timeout=120)["job"]
+    assert done["state"] == "succeeded" and done["attempt"] == 2, done
+    log = rig.log(again)
+    assert f"job {job_id} attempt 2 (queued): its message is gone from the broker; sending it again" in log
+    assert log.count(f"job {job_id} attempt 2: started") == 1 and f"job {job_id} attempt 1: started" not in log
 
 
 # --- 5: heartbeats inside a chunk; a live worker's results are kept -------------------------------
 
-def test_a_long_chunk_beats_and_a_live_worker_keeps_a_run_marked_failed(rig, as_alice, synth, teacher_file):
+def test_a_long_chunk_beats_and_a_live_worker_keeps_a_run_marked_failed(rig, as_alice, synth_many, teacher_file):
     from django.utils import timezone
 
     from distill_app.models import Job
     rig.alive(1)
-    ids = _project(as_alice, synth, unlabeled=True, teacher=teacher_file)
-    run = _infer(as_alice, ids, chunk_size=16, views=SLOW_VIEWS)  # one chunk, longer than a lease
+    ids = _project(as_alice, synth_many, unlabeled=True, teacher=teacher_file)
+    run = _infer(as_alice, ids, chunk_size=40, views=SLOW_VIEWS)  # one chunk, longer than a lease
     path, job_id = f"/api/inference-runs/{run['id']}/", run["job"]["id"]
     wait_for(lambda: Job.objects.get(pk=job_id).state == "running", timeout=120, interval=0.1, what="the chunk")
     started = time.monotonic()
@@ -308,7 +320,7 @@ def test_a_long_chunk_beats_and_a_live_worker_keeps_a_run_marked_failed(rig, as_
         state=Job.FAILED, fault="worker_gone", error="its worker stopped announcing itself", finished=timezone.now())
     done = _ends(as_alice, path, timeout=120, states=("succeeded", "cancelled"))["job"]
     assert done["state"] == "succeeded" and done["error"] == "" and done["fault"] == "", done
-    _predictions_ok(run["id"], 16)
+    _predictions_ok(run["id"], 40)
 
 
 # --- 6: one holder at a time ----------------------------------------------------------------------
@@ -319,7 +331,7 @@ def test_a_message_delivered_again_while_its_job_runs_stops_at_once(rig, as_alic
     from distill_app.models import Job, JobLease
     rig.alive(2)
     ids = _project(as_alice, synth, labeled=True)
-    run = _train(as_alice, ids, iterations=16)
+    run = _train(as_alice, ids, iterations=40)
     job_id = run["job"]["id"]
     wait_for(lambda: Job.objects.get(pk=job_id).progress > 0, timeout=120, interval=0.1, what="training")
     holder, lease = rig.holder(job_id), JobLease.objects.get(job_id=job_id, part="")
@@ -333,10 +345,11 @@ def test_a_message_delivered_again_while_its_job_runs_stops_at_once(rig, as_alic
     ping = as_alice.post("/api/jobs/ping/").json()  # the other worker is free at once
     pong = wait_for(lambda: (j := Job.objects.get(pk=ping["id"])).state == "succeeded" and j, timeout=30,
                     what="the other worker to answer")
-    assert Job.objects.get(pk=job_id).state == "running" and pong.worker != lease.worker
+    assert pong.worker != lease.worker
     done = _ends(as_alice, f"/api/training-runs/{run['id']}/", timeout=120)["job"]
     assert done["state"] == "succeeded", done
+    assert pong.finished < Job.objects.get(pk=job_id).finished  # it was free while the run went on
     assert JobLease.objects.get(job_id=job_id, part="").owner == lease.owner  # never taken over
     assert rig.log(holder).count(f"job {job_id} attempt 1: started") == 1
     assert f"job {job_id} attempt 1: started" not in rig.log(other)
-    _history_ok(run["id"], 16)
+    _history_ok(run["id"], 40)
