@@ -47,6 +47,18 @@ log = logging.getLogger(__name__)
 FAULT_WORKER_GONE, FAULT_PROCESS_DIED, FAULT_BROKER_LOST = "worker_gone", "process_died", "broker_lost"
 FAULTS = (FAULT_WORKER_GONE, FAULT_PROCESS_DIED, FAULT_BROKER_LOST)
 HOST = socket.gethostname()
+
+
+def _process_space() -> str:
+    """This machine and PID namespace: where a pid names the same process (containers that share
+    a hostname, with host networking, still have PID namespaces of their own)."""
+    try:
+        return f"{HOST} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return HOST
+
+
+SPACE = _process_space()
 # The WorkerHeartbeat name of the worker this process belongs to ("" outside a worker); set by
 # distill_app.workers when the worker starts, inherited by its pool processes.
 WORKER_NODE = ""
@@ -123,7 +135,7 @@ def fate(lease: JobLease, now, nodes: dict, local: bool = True) -> str | None:
         node = nodes.get(lease.node)
         if (node is not None and node.expires <= now) or (node is None and lease.expires <= now):
             return FAULT_WORKER_GONE
-    if local and lease.host == HOST and not pid_alive(lease.pid):
+    if local and lease.host == SPACE and not pid_alive(lease.pid):
         return FAULT_PROCESS_DIED
     if lease.expires <= now:
         return FAULT_WORKER_GONE if not lease.node else FAULT_PROCESS_DIED
@@ -218,7 +230,7 @@ def acquire(job_id: int, attempt: int | None = None, part: str = "") -> Lease:
                 log.warning("job %s%s: its holder %s is gone (%s); taking it over", job_id,
                             " " + part if part else "", held.worker, why)
         row, _ = JobLease.objects.update_or_create(job=job, part=part, defaults=dict(
-            attempt=job.attempt, owner=owner, worker=f"{HOST}:{os.getpid()}", host=HOST, pid=os.getpid(),
+            attempt=job.attempt, owner=owner, worker=f"{HOST}:{os.getpid()}", host=SPACE, pid=os.getpid(),
             node=WORKER_NODE, expires=now + timedelta(seconds=lease_seconds()), released=False))
         job.state, job.worker, job.heartbeat = Job.RUNNING, f"{HOST}:{os.getpid()}", now
         job.started = job.started or now

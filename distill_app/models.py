@@ -159,7 +159,7 @@ class JobLease(models.Model):
     attempt = models.PositiveIntegerField()
     owner = models.CharField(max_length=64, help_text="one execution of one message")
     worker = models.CharField(max_length=200, help_text="host:pid of the process that runs it")
-    host = models.CharField(max_length=200)
+    host = models.CharField(max_length=200)  # machine and PID namespace (jobs.SPACE): where pid means it
     pid = models.IntegerField()
     node = models.CharField(max_length=200, blank=True, help_text="WorkerHeartbeat.name of its worker")
     expires = models.DateTimeField()

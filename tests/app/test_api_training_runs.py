@@ -100,7 +100,7 @@ def test_cancel_and_retry_of_a_job_whose_holder_is_dead_work_at_once(as_alice, a
     import sys
 
     import distill_app.tasks as tasks
-    from distill_app.jobs import HOST
+    from distill_app.jobs import SPACE
     from distill_app.models import JobLease
     monkeypatch.setattr(tasks, "send_job", lambda job: None)
     r = as_alice.post("/api/training-runs/", {"project": det_project["project"], "arch": "fasterrcnn_tiny",
@@ -110,7 +110,7 @@ def test_cancel_and_retry_of_a_job_whose_holder_is_dead_work_at_once(as_alice, a
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _worker("gpu1@box:7", expires_in=30)
-    _lease(job, node="gpu1@box:7", expires_in=30, host=HOST, pid=dead.pid)
+    _lease(job, node="gpu1@box:7", expires_in=30, host=SPACE, pid=dead.pid)
     rid = r.json()["id"]
     assert as_alice.post(f"/api/training-runs/{rid}/retry/").status_code == 202  # a running job, but nobody runs it
     assert Job.objects.get(pk=job.pk).attempt == 2
