@@ -453,7 +453,8 @@ def reap(queryset=None, broker=None) -> int:
         elif held:
             # The holder's worker lives but the holder stopped renewing: its process died (or hangs).
             # A killed pool process has its message requeued (reject_on_worker_lost): wait for it.
-            if broker is not None and broker.ok and not any(broker.waiting(job.pk, job.attempt, le.part) for le in held):
+            if broker is not None and broker.ok and \
+                    not any(broker.has_part(job.pk, job.attempt, le.part, lease_seconds()) for le in held):
                 le = held[0]
                 changed += _fault(job, FAULT_PROCESS_DIED,
                                   f"the worker process running it ({le.worker}) stopped (killed, or out of memory) "

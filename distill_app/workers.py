@@ -81,8 +81,11 @@ class BrokerView:
             self._scan = (waiting, taken)
         return self._scan
 
-    def waiting(self, job_id: int, attempt: int, part: str) -> bool:
-        return (job_id, attempt, part) in self._content()[0]
+    def has_part(self, job_id: int, attempt: int, part: str, fresh_seconds: float) -> bool:
+        """A message for this part waits in a queue, or was taken by a worker moments ago."""
+        waiting, taken = self._content()
+        key = (job_id, attempt, part)
+        return key in waiting or taken.get(key, 0.0) > time.time() - fresh_seconds
 
     def holds(self, job_id: int, attempt: int, fresh_seconds: float) -> bool:
         """A message of this attempt waits in a queue, or was taken by a worker moments ago."""
