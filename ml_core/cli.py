@@ -292,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vote-thresh", type=float, default=0.8)
     s.add_argument("--vote-scoring", default="id", choices=["id", "avg", "iou_avg"])
     s.add_argument("--heatmap-method", default="mean", choices=["mean", "max"])
-    s.add_argument("--union", default="post_nms", choices=["post_nms", "pre_nms"],
+    s.add_argument("--union", default="auto", choices=["auto", "post_nms", "pre_nms"],
                    help="which boxes of each view are ensembled: its NMS'd detections, or every box above the "
-                        "score threshold before NMS (Detectron's union; boxes only)")
+                        "score threshold before NMS (Detectron's union; boxes only); auto: pre_nms for box "
+                        "models, post_nms for keypoint models")
     s.add_argument("--keypoint-size-dependence", action="store_true",
                    help="keypoints: small boxes ignore down-scaled views, large ones up-scaled views")
     s.add_argument("--keypoint-area", type=float, default=150.0 ** 2, metavar="PX2",

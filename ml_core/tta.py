@@ -48,7 +48,10 @@ class EnsembleOptions:
     # "pre_nms": every per-class box of every proposal above score_thresh, before any NMS (at most
     # union_per_view per view), so box voting sees all of them. The compare view shows each view
     # NMS'd either way. Boxes only: a keypoint model would run its head on every pre-NMS box.
-    union: str = "post_nms"
+    # "auto" (the default): pre_nms for box models, post_nms for keypoint models. Measured by
+    # benchmarks/union_quality.py on a validation set, pre_nms gave better pseudo-labels on every
+    # measure (README, Benchmarks), so it is the default where it applies.
+    union: str = "auto"
     union_per_view: int = 1000
 
     def __post_init__(self):
@@ -61,7 +64,7 @@ class EnsembleOptions:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
         if not self.keypoint_area_thresh > 0:
             raise ValueError(f"keypoint_area_thresh must be positive, got {self.keypoint_area_thresh}")
-        ensemble._check_choice(self.union, ("post_nms", "pre_nms"), "union")
+        ensemble._check_choice(self.union, ("auto", "post_nms", "pre_nms"), "union")
         if not 1 <= self.union_per_view <= 100_000:
             raise ValueError(f"union_per_view must lie in [1, 100000], got {self.union_per_view}")
 
@@ -135,7 +138,10 @@ class MultiTransformPredictor:
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
-        if self.keypoints and self.options.union == "pre_nms":
+        self.union = self.options.union
+        if self.union == "auto":
+            self.union = "post_nms" if self.keypoints else "pre_nms"
+        if self.keypoints and self.union == "pre_nms":
             raise ValueError("the pre-NMS union is for box models: a keypoint model would run its keypoint head "
                              "on every pre-NMS box of every view; use union 'post_nms'")
         if self.keypoints and transforms.flip and flip_inds is None:
@@ -181,7 +187,7 @@ class MultiTransformPredictor:
         t, rh = self.model.transform, self.model.roi_heads
         own = t.min_size, t.max_size          # the views set them; the model keeps its own test size
         heads = rh.nms_thresh, rh.detections_per_img
-        pre_nms = self.options.union == "pre_nms"
+        pre_nms = self.union == "pre_nms"
         if pre_nms:
             # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
             rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view

@@ -123,7 +123,8 @@ def test_pre_nms_union_votes_over_every_box_and_shows_each_view_nmsd(det_model, 
     threshold, before NMS; the views shown are what the model's own NMS makes of them."""
     ts = TransformSet([48, 80], flip=True, max_size=200)
     x = [torch.rand(3, 60, 90), torch.rand(3, 72, 64)]
-    post = MultiTransformPredictor(det_model, ts, fast=fast).predict(x)
+    post = MultiTransformPredictor(det_model, ts, fast=fast, options=EnsembleOptions(union="post_nms")).predict(x)
+    assert MultiTransformPredictor(det_model, ts, fast=fast).union == "pre_nms"  # the measured default
     pre_p = MultiTransformPredictor(det_model, ts, fast=fast, options=EnsembleOptions(union="pre_nms"))
     pre = pre_p.predict(x)
     assert det_model.roi_heads.nms_thresh == 0.5 and det_model.roi_heads.detections_per_img == 100  # restored
