@@ -259,10 +259,10 @@ def running(job_id: int, *, attempt: int | None = None, part: str = "", finish: 
         log.warning("job %s attempt %s%s: %s; this holder stops", job_id, lease.attempt, " " + part if part else "", e)
     except Exception as e:  # recorded on the row; not re-raised so Celery does not retry a bad input
         log.exception("job %s failed", job_id)
-        lease.end(Job.FAILED, error=friendly_error(e)[:5000])
+        lease.end(Job.FAILED, error=friendly_error(e)[:5000], message="failed")
     else:
         if finish:
-            lease.end(Job.SUCCEEDED, progress=1.0)
+            lease.end(Job.SUCCEEDED, progress=1.0, message="done")
     finally:
         lease.release()
 

@@ -303,8 +303,12 @@ class TrainingRunSerializer(ModelSerializer):
             raise serializers.ValidationError({"init": "retrain or finetune"})
         if attrs.get("init") == "finetune" and teacher is not None and teacher.arch != attrs["arch"]:
             raise serializers.ValidationError({"init": "fine-tuning needs the teacher's architecture"})
-        config = _ml_option(TrainConfig, attrs.get("config"), "config").to_dict()
-        if "iterations" not in (attrs.get("config") or {}):
+        given = dict(attrs.get("config") or {}) if isinstance(attrs.get("config"), dict) else attrs.get("config")
+        auto = isinstance(given, dict) and given.get("iterations", None) in (None, "auto")
+        if auto:
+            given.pop("iterations", None)
+        config = _ml_option(TrainConfig, given, "config").to_dict()
+        if auto:
             config["iterations"] = None  # 'auto': the worker sizes it from the data and its device
         attrs["config"] = config
         return attrs

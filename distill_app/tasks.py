@@ -164,9 +164,11 @@ def _coco_ap(ckpt: ModelCheckpoint, dataset: Dataset, progress=None) -> dict:
 
 def _evaluate_inline(ckpt: ModelCheckpoint, dataset: Dataset, job: Job) -> Evaluation:
     """An evaluation done inside a training job, recorded with its own (finished) job row."""
+    started = timezone.now()
     stats = _coco_ap(ckpt, dataset)
     ev_job = Job.objects.create(project=ckpt.project, owner=job.owner, kind="evaluate", state=Job.SUCCEEDED,
-                                progress=1.0, started=job.started, finished=job.finished)
+                                progress=1.0, started=started, finished=timezone.now(), message="done")
+    Job.objects.filter(pk=ev_job.pk).update(created=started)  # it was made inside its training job
     return Evaluation.objects.create(project=ckpt.project, checkpoint=ckpt, dataset=dataset, stats=stats, job=ev_job)
 
 
@@ -220,6 +222,28 @@ def _predictor(path: str, mtime: float, transforms: str, options: str, device: s
                                   EnsembleOptions.from_dict(json.loads(options)), device)
 
 
+def _chunk_progress(run: InferenceRun, job: Job, total: int):
+    """Progress within a chunk (at most once a second): images of the finished chunks plus this
+    chunk's so far, and the time left at the rate since the job started."""
+    import time as _time
+    total = max(1, total)
+    last = [0.0]
+
+    def report(done_here: int):
+        now = _time.monotonic()
+        if now - last[0] < 1.0:
+            return
+        last[0] = now
+        finished = Prediction.objects.filter(run=run).count()
+        fraction = min(1.0, (finished + done_here) / total)
+        message = f"images {min(total, finished + done_here)}/{total}"
+        if job.started and fraction > 0:
+            elapsed = (timezone.now() - job.started).total_seconds()
+            message += f", about {int(elapsed / fraction * (1 - fraction))} s left"
+        job.beat(progress=round(0.95 * fraction, 4), message=message)
+    return report
+
+
 @app.task(**TASK_OPTIONS)
 @_guard
 def infer_chunk(run_id: int, chunk: int, attempt: int | None = None):
@@ -229,7 +253,8 @@ def infer_chunk(run_id: int, chunk: int, attempt: int | None = None):
         return "done before"
     done = 0
     with running(run.job_id, attempt=attempt, part=f"chunk-{chunk}", finish=False) as job:
-        items = run_images(run)[chunk * run.chunk_size:(chunk + 1) * run.chunk_size]
+        every = run_images(run)
+        items = every[chunk * run.chunk_size:(chunk + 1) * run.chunk_size]
         val_ids = set(Image.objects.filter(dataset_id=run.validation_id, id__in=[i for i, _ in items])
                       .values_list("id", flat=True)) if run.validation_id else set()
         path = str(run.checkpoint.path)
@@ -237,9 +262,11 @@ def infer_chunk(run_id: int, chunk: int, attempt: int | None = None):
                                   json.dumps(run.options, sort_keys=True), _device())
         cat_index = {c["id"]: i for i, c in enumerate(run.project.categories)}
         rows = []
+        report = _chunk_progress(run, job, len(every))
         for i, pred, err in pipeline.infer(path, [str(Path(settings.MEDIA_ROOT) / f) for _, f in items],
                                            transforms=predictor.transforms, predictor=predictor, num_workers=0):
             check_cancel(job)
+            report(len(rows) + 1)
             image_id = items[i][0]
             if pred is None:
                 rows.append(Prediction(run=run, image_id=image_id, chunk=chunk, agreement=0, max_score=0,

@@ -183,13 +183,13 @@ def test_bulk_accept_bad_thresholds(as_alice, done_run, body, words):
 def test_bulk_accept_body_that_is_not_an_object(as_alice, done_run, body):
     r = as_alice.post(f"/api/inference-runs/{done_run.pk}/bulk-accept/", data=json.dumps(body),
                       content_type="application/json")
-    assert r.status_code == 200 and r.json() == {"accepted": 0}
+    assert r.status_code == 200 and r.json()["accepted"] == 0
 
 
 def test_bulk_accept_thresholds_as_form_fields(as_alice, done_run):
     url = f"/api/inference-runs/{done_run.pk}/bulk-accept/"
     r = as_alice.post(url, {"thresholds": "{}"}, format="multipart")  # a JSON object in a form field
-    assert r.status_code == 200 and r.json() == {"accepted": 0}
+    assert r.status_code == 200 and r.json()["accepted"] == 0
     r = as_alice.post(url, {"thresholds": '{"1": 0.7}', "threshold": "0.3"}, format="multipart")
     assert r.status_code == 200
     assert_bad(as_alice.post(url, {"thresholds": "{"}, format="multipart"), "thresholds")
