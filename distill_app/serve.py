@@ -154,6 +154,9 @@ def serve(host: str | None = None, port: int | None = None, demo: bool = True, w
             redis = RedisServer(data / "redis", persist=True, log=data / "redis.log")
             children.append(Child("redis-server", lambda: redis.start().proc, data / "redis.log").start())
             os.environ["REDIS_URL"] = env["REDIS_URL"] = redis.url
+            if not os.environ.get("DISTILL_CACHE_URL"):
+                # every web process counts failed logins in one place (the throttle), not each its own
+                os.environ["DISTILL_CACHE_URL"] = env["DISTILL_CACHE_URL"] = redis.url.rsplit("/", 1)[0] + "/1"
             _say(f"redis-server on {redis.url} (append-only file in {redis.folder})")
         _setup_django()
         from django.core.management import call_command

@@ -94,7 +94,7 @@ def interpolate(value: str, given: dict) -> str:
 def service_env(svc: dict, pg_port: int, redis_port: int, data: Path, given: dict) -> dict:
     env = {k: interpolate(str(v), given) for k, v in svc["environment"].items()}
     env["DATABASE_URL"] = env["DATABASE_URL"].replace("@db:5432/", f"@127.0.0.1:{pg_port}/")
-    env["REDIS_URL"] = env["REDIS_URL"].replace("redis:6379", f"127.0.0.1:{redis_port}")
+    env = {k: v.replace("redis:6379", f"127.0.0.1:{redis_port}") for k, v in env.items()}
     assert env["DISTILL_DATA_DIR"] == "/data"
     env["DISTILL_DATA_DIR"] = str(data)
     if env.get("DISTILL_DEVICE") == "cuda" and not _cuda():
