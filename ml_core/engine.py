@@ -5,9 +5,9 @@ SGD with linear warm-up, mixed precision on CUDA, DistributedDataParallel when l
 torchrun. Two learning-rate schedules:
 - "steps": x0.1 at 70% and 90% of the iterations (Detectron's fixed schedule);
 - "plateau" (needs a validation function): the rate stays up while validation AP improves; after
-  `patience` evaluations without a new best it drops x0.1, and after the last drop's plateau
-  training stops. `iterations` is then the bound, not the length: the model trains until its
-  validation AP says it has converged.
+  `patience` evaluations without a new best it drops x0.1 (and at 70% and 90% of the bound at the
+  latest), and after the last drop's plateau training stops. `iterations` is then the bound, not
+  the length: the model trains until its validation AP says it has converged.
 With validation, the weights that scored best are the ones saved at the end. Teacher training uses
 the labeled set alone; student training mixes labeled and pseudo-labeled images in every minibatch.
 """
@@ -148,12 +148,15 @@ class TrainState:
         return elapsed / self.iteration * (self.config.iterations - self.iteration)
 
 
+def scheduled_drops(it: int, cfg: TrainConfig) -> int:
+    return sum(it >= math.floor(s * cfg.iterations) for s in cfg.steps)
+
+
 def lr_factor(it: int, cfg: TrainConfig, drops: int | None = None) -> float:
-    """drops=None: the fixed step schedule; otherwise the plateau schedule after that many drops."""
-    if drops is None:
-        f = cfg.gamma ** sum(it >= math.floor(s * cfg.iterations) for s in cfg.steps)
-    else:
-        f = cfg.gamma ** drops
+    """drops=None: the fixed step schedule. Otherwise the plateau schedule after that many drops,
+    and never later than the step schedule: a curve that keeps creeping up (noise on a small
+    validation set) still gets its decays at 70% and 90% of the bound."""
+    f = cfg.gamma ** (scheduled_drops(it, cfg) if drops is None else max(drops, scheduled_drops(it, cfg)))
     if it < cfg.warmup_iters:
         alpha = it / cfg.warmup_iters
         f *= cfg.warmup_factor * (1 - alpha) + alpha
@@ -314,6 +317,8 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
             if state.iteration % config.log_every == 0 or state.iteration == config.iterations or state.iteration == 1:
                 state.history.append({"iteration": state.iteration, **{k: round(v, 5) for k, v in state.losses.items()},
                                       "lr": optimizer.param_groups[0]["lr"], "time": round(time.time() - state.started, 2)})
+            if plateau:  # the step schedule's decays count as drops for the stopping rule
+                state.drops = max(state.drops, scheduled_drops(state.iteration, config))
             if validation is not None and rank == 0 and validation.due(state):
                 seconds_per_iter = (time.time() - state.started - sum(v["seconds"] for v in state.val_history)) \
                     / max(state.iteration, 1)

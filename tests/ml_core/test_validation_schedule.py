@@ -91,3 +91,23 @@ def test_pipeline_train_with_a_validation_set_saves_the_best(det_data, tmp_path)
                            val_json=str(det_data / "val.json"), val_root=str(det_data / "val"))
     assert [v["iteration"] for v in state.val_history] == [3, 6] and state.best is not None
     assert read_checkpoint(out)["validation"]["best"] == state.best
+
+
+def test_plateau_schedule_decays_by_the_step_schedule_at_the_latest():
+    from ml_core.engine import lr_factor
+    cfg = TrainConfig(iterations=100, warmup_iters=1, steps=(0.7, 0.9))
+    assert lr_factor(50, cfg, drops=0) == pytest.approx(1.0)
+    assert lr_factor(50, cfg, drops=1) == pytest.approx(0.1)   # a plateau came first
+    assert lr_factor(75, cfg, drops=0) == pytest.approx(0.1)   # a curve still creeping up at 70%
+    assert lr_factor(95, cfg, drops=1) == pytest.approx(0.01)
+    assert lr_factor(95, cfg, drops=2) == pytest.approx(0.01)
+
+
+def test_a_curve_that_keeps_rising_still_decays_then_stops_on_a_plateau(det_data):
+    model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    # rising by more than min_delta at every evaluation until 28, then flat
+    values = [float(i) for i in range(1, 15)] + [14.0] * 20
+    state = fit(model, _dataset(det_data), _cfg(iterations=40, eval_every=2, patience=2), validate=Scripted(values))
+    lrs = {v["iteration"]: v["lr"] for v in state.val_history}
+    assert lrs[26] == pytest.approx(0.01) and lrs[28] == pytest.approx(0.001)  # decayed at 70% of the bound
+    assert state.drops == 2 and "converged" in state.stopped and state.iteration == 36
