@@ -86,6 +86,7 @@
       document.querySelectorAll(".ds-" + role).forEach((s) =>
         fillSelect(s, ds.filter((d) => d.role === role), (d) => `${d.name} (${d.image_count})`, role === "validation"));
     }
+    showNoValNote();
     return ds;
   }
 
@@ -93,12 +94,19 @@
     const [runs, ckpts, infer, evals] = await Promise.all([
       all(`/api/training-runs/?project=${PID}`), all(`/api/models/?project=${PID}`),
       all(`/api/inference-runs/?project=${PID}`), all(`/api/evaluations/?project=${PID}`)]);
-    fillSelect(document.getElementById("ckpt-select"), ckpts.filter((c) => c.role === "teacher"), (c) => `${c.name} · ${c.arch}`);
+    // any model can teach: a student is the next round's teacher
+    fillSelect(document.getElementById("ckpt-select"), ckpts, (c) => `${c.name} · ${c.role} · ${c.arch}`);
     document.getElementById("teacher-runs").replaceChildren(...runs.filter((r) => r.role === "teacher").map((r) =>
       jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `teacher run #${r.id} · ${r.arch}`), `/api/training-runs/${r.id}/cancel/`)));
-    document.getElementById("infer-runs").replaceChildren(...infer.map((r) =>
-      jobLine(r.job, h("span", {}, `run #${r.id}: ${r.view_names.length} views `, r.job.state === "succeeded"
-        ? h("a", {class: "button", href: `/runs/${r.id}/review/`}, "Review pseudo-labels") : ""), `/api/inference-runs/${r.id}/cancel/`)));
+    const ckName = (id) => { const c = ckpts.find((k) => k.id === id); return c ? `${c.name} (${c.role})` : `model ${id}`; };
+    const fresh = +new URLSearchParams(location.search).get("inference");
+    document.getElementById("infer-runs").replaceChildren(...infer.map((r) => {
+      const line = jobLine(r.job, h("span", {}, `run #${r.id} of ${ckName(r.checkpoint)}: ${r.view_names.length || r.transforms.scales.length * (r.transforms.flip ? 2 : 1)} views `, r.job.state === "succeeded"
+        ? h("a", {class: "button", href: `/runs/${r.id}/review/`}, "Review pseudo-labels") : ""), `/api/inference-runs/${r.id}/cancel/`);
+      line.dataset.run = r.id;
+      if (r.id === fresh) line.classList.add("fresh");
+      return line;
+    }));
     const students = runs.filter((r) => r.role === "student");
     document.getElementById("student-runs").replaceChildren(...(students.length ? students.map((r) =>
       jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `student run #${r.id} · ${r.init}`), `/api/training-runs/${r.id}/cancel/`))
@@ -124,7 +132,48 @@
       else apChart = new Chart(document.getElementById("ap-chart"), {type: "bar", data: {labels, datasets: ds},
         options: {animation: false, responsive: true, maintainAspectRatio: false, scales: {y: {beginAtZero: true, title: {display: true, text: kind + " AP (%)"}}}}});
     }
+    renderRounds(runs, ckpts, done, kind);
     return [...runs.map((r) => r.job), ...infer.map((r) => r.job)].some((j) => !FINAL.includes(j.state));
+  }
+
+  /* Rounds side by side: a chain starts at a model no student run made (the first teacher); a
+     student run whose teacher is round k's model is round k + 1. One row per chain's last model,
+     each cell that round's AP on the chain's validation set (the last student's). */
+  function renderRounds(runs, ckpts, evals, kind) {
+    const madeBy = new Map();  // checkpoint id -> the training run that wrote it
+    for (const r of runs) if (r.checkpoint) madeBy.set(r.checkpoint, r);
+    const students = runs.filter((r) => r.role === "student" && r.teacher && r.checkpoint);
+    const parentOf = (ck) => { const r = madeBy.get(ck); return r && r.role === "student" ? r.teacher : null; };
+    const hasChild = new Set(students.map((r) => r.teacher));
+    const leaves = students.filter((r) => !hasChild.has(r.checkpoint));
+    const chains = leaves.map((leaf) => {
+      const chain = [leaf.checkpoint];
+      for (let ck = parentOf(leaf.checkpoint); ck != null && chain.length < 50 && !chain.includes(ck); ck = parentOf(ck)) chain.unshift(ck);
+      return {chain, validation: leaf.validation};
+    }).sort((a, b) => b.chain.length - a.chain.length || a.chain[0] - b.chain[0]);
+    const box = document.getElementById("rounds-box");
+    box.hidden = !chains.length;
+    if (!chains.length) return;
+    const width = Math.max(...chains.map((c) => c.chain.length));
+    const name = (id) => { const c = ckpts.find((k) => k.id === id); return c ? c.name : `model ${id}`; };
+    const apOf = (ck, ds) => {
+      const e = evals.find((x) => x.checkpoint === ck && (ds == null || x.dataset === ds));
+      return e && e.stats[kind] && e.stats[kind].AP != null ? e.stats[kind].AP : null;
+    };
+    document.getElementById("rounds-note").textContent = `${kind === "keypoints" ? "keypoint" : "box"} AP on the validation set`;
+    document.querySelector("#rounds thead").replaceChildren(h("tr", {},
+      ...Array.from({length: width}, (_, i) => h("th", {}, i === 0 ? "Teacher" : `Student round ${i}`))));
+    document.querySelector("#rounds tbody").replaceChildren(...chains.map(({chain, validation}) => h("tr", {"data-chain": chain.join(",")},
+      ...Array.from({length: width}, (_, i) => {
+        if (i >= chain.length) return h("td", {});
+        const ap = apOf(chain[i], validation), prev = i ? apOf(chain[i - 1], validation) : null;
+        const d = ap != null && prev != null ? ap - prev : null;
+        const run = madeBy.get(chain[i]);
+        return h("td", {"data-round": i, "data-checkpoint": chain[i], "data-ap": ap != null ? ap.toFixed(2) : ""},
+          run ? h("a", {href: `/training/${run.id}/`}, name(chain[i])) : name(chain[i]), h("br", {}),
+          h("b", {class: "ap"}, ap != null ? ap.toFixed(2) : "–"),
+          d != null ? h("span", {class: "small " + (d >= 0 ? "gain" : "loss")}, ` ${d >= 0 ? "+" : "−"}${Math.abs(d).toFixed(2)}`) : "");
+      }))));
   }
 
   async function refresh() {
@@ -145,6 +194,17 @@
     catch (err) { fail(err); }
   });
 
+  /* Iterations empty = "auto" (null): the worker sizes the bound from the data and its device
+     and, with a validation set, the plateau rule stops when validation AP converges. A number
+     overrides it (with a warm-up sized to it). */
+  function trainConfig(iterations, rest) {
+    const n = String(iterations ?? "").trim() === "" ? null : +iterations;
+    return {...rest, iterations: n, ...(n ? {warmup_iters: Math.min(100, Math.max(1, Math.floor(n / 4)))} : {})};
+  }
+  const teacherVal = document.querySelector("#teacher-form select[name=validation]");
+  const showNoValNote = () => (document.querySelector("#teacher-form .no-val-note").hidden = !!teacherVal.value);
+  teacherVal.addEventListener("change", showNoValNote);
+
   document.getElementById("teacher-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const btn = e.submitter; btn.disabled = true;
@@ -153,8 +213,7 @@
       const run = await api("/api/training-runs/", {method: "POST", body: {
         project: PID, arch: f.get("arch"), labeled: +f.get("labeled"), validation: f.get("validation") ? +f.get("validation") : null,
         min_size: f.get("min_size") ? +f.get("min_size") : null, request_key: crypto.randomUUID(),
-        config: {iterations: +f.get("iterations"), batch_size: +f.get("batch_size"), lr: +f.get("lr"),
-                 warmup_iters: Math.min(100, Math.max(1, Math.floor(+f.get("iterations") / 4))), checkpoint_every: 50}}});
+        config: trainConfig(f.get("iterations"), {batch_size: +f.get("batch_size"), lr: +f.get("lr"), checkpoint_every: 50})}});
       location.href = `/training/${run.id}/`;
     } catch (err) { fail(err); btn.disabled = false; }
   });

@@ -21,7 +21,7 @@
     S: null, C: null, I: null, nImages: 0, val: null, labeledPerImage: null,
     items: [], total: 0, loading: new Set(),
     // filters (kept in the URL with the thresholds)
-    order: "agreement", category: "", review: "", smin: "", smax: "", kmin: "", kmax: "", agree: "",
+    order: "agreement", category: "", review: "", smin: "", smax: "", kmin: "", kmax: "", agree: "", dclass: "",
   };
   let hist = null, pr = null;
 
@@ -176,7 +176,7 @@
   }
 
   /* ---- the URL keeps the filters and the thresholds, so a view can be shared and reloaded ---- */
-  const FILTERS = ["order", "category", "review", "smin", "smax", "kmin", "kmax", "agree"];
+  const FILTERS = ["order", "category", "review", "smin", "smax", "kmin", "kmax", "agree", "dclass"];
   function saveUrl() {
     const q = new URLSearchParams();
     q.set("t", state.global.toFixed(3));
@@ -202,23 +202,44 @@
     $("ordering").value = state.order; $("filter-category").value = state.category; $("filter-review").value = state.review;
     $("filter-smin").value = state.smin; $("filter-smax").value = state.smax; $("filter-kmin").value = state.kmin;
     $("filter-kmax").value = state.kmax; $("filter-agree").value = state.agree;
+    $("filter-disagree").value = state.dclass;
+    showDisagree();
+  }
+
+  /* Per-class disagreement. Agreement is stored per image (over all its classes), so the filter
+     is what the data allows, and says so: images with a kept pseudo-label of the chosen class
+     whose agreement is at most the Agreement bound (DISAGREE_AT when that is empty). */
+  const DISAGREE_AT = 0.5;
+  const activeCategory = () => state.dclass || state.category;
+  const agreeBound = () => (state.agree !== "" ? state.agree : state.dclass ? String(DISAGREE_AT) : "");
+  function showDisagree() {
+    const c = state.cats.find((x) => String(x.id) === String(state.dclass));
+    if (state.dclass && !c) state.dclass = "";  // a class the project lacks (an old URL)
+    $("filter-category").disabled = !!c;
+    $("filter-category").value = c ? String(c.id) : state.category;
+    const note = $("disagree-note");
+    note.hidden = !c;
+    if (c) note.textContent = `Per-class disagreement on “${c.name}”: images with a kept ${c.name} pseudo-label whose views disagree with ` +
+      `the ensemble (image agreement ≤ ${(+agreeBound()).toFixed(2)}${state.agree === "" ? ", the default; set Agreement ≤ to change it" : ""}). ` +
+      "Agreement is measured per image, over all of its classes, not for this class alone.";
   }
 
   /* ---- grid: virtual scrolling over all images, pages fetched on demand ---- */
   const grid = $("grid"), inner = $("grid-inner");
   const tiles = new Map();  // index -> element
   // filters that depend on the thresholds in force are asked of the server again when they change
-  const thresholdFiltered = () => !!(state.category || state.kmin !== "" || state.kmax !== "");
+  const thresholdFiltered = () => !!(activeCategory() || state.kmin !== "" || state.kmax !== "");
 
   function query(page) {
     const q = new URLSearchParams({page, page_size: PAGE, ordering: state.order, views: "false", compact: "1"});
-    if (state.category) {
-      q.set("category", state.category);
-      q.set("min_score", state.smin !== "" ? Math.max(+state.smin, thresholdOf(+state.category)) : thresholdOf(+state.category));
+    const cat = activeCategory();
+    if (cat) {
+      q.set("category", cat);
+      q.set("min_score", state.smin !== "" ? Math.max(+state.smin, thresholdOf(+cat)) : thresholdOf(+cat));
     } else if (state.smin !== "") q.set("min_score", state.smin);
     if (state.smax !== "") q.set("max_score", state.smax);
     if (state.review) q.set("review", state.review);
-    if (state.agree !== "") q.set("max_agreement", state.agree);
+    if (agreeBound() !== "") q.set("max_agreement", agreeBound());
     if (state.kmin !== "" || state.kmax !== "") {
       q.set("thresholds", JSON.stringify(currentThresholds()));
       if (state.kmin !== "") q.set("kept_min", state.kmin);
@@ -301,7 +322,7 @@
   }
 
   // with a class filter, tiles draw that class alone
-  const shownOnTile = (cat) => !state.category || cat === +state.category;
+  const shownOnTile = (cat) => !activeCategory() || cat === +activeCategory();
   function drawTile(t) {
     const item = t._item, ctx = t._canvas.getContext("2d");
     ctx.clearRect(0, 0, t._canvas.width, t._canvas.height);
@@ -384,6 +405,7 @@
       return h("div", {class: "slider-row"}, h("span", {class: "swatch", style: `background:${colorOf(state.cats, c.id)}`}), h("span", {class: "cname"}, c.name), input, out);
     }));
     $("filter-category").append(...state.cats.map((c) => h("option", {value: c.id}, c.name)));
+    $("filter-disagree").append(...state.cats.map((c) => h("option", {value: c.id}, c.name)));
     // the legend of the per-view colours in the detail view
   }
 
@@ -745,8 +767,10 @@
   const onFilter = (key, el, ev = "change") => $(el).addEventListener(ev, (e) => { state[key] = e.target.value.trim(); resetGrid(); });
   onFilter("order", "ordering"); onFilter("category", "filter-category"); onFilter("review", "filter-review");
   onFilter("smin", "filter-smin"); onFilter("smax", "filter-smax"); onFilter("kmin", "filter-kmin"); onFilter("kmax", "filter-kmax");
-  onFilter("agree", "filter-agree");
+  onFilter("agree", "filter-agree"); onFilter("dclass", "filter-disagree");
   $("filter-category").addEventListener("change", redrawTiles);
+  $("filter-disagree").addEventListener("change", () => { showDisagree(); redrawTiles(); });
+  $("filter-agree").addEventListener("change", showDisagree);
 
   /* Bulk accept: the count first (a dry run with the same thresholds), then one undo for all. */
   let lastBulk = null;
@@ -784,6 +808,8 @@
     if (btn.disabled) return;
     btn.disabled = true; btn.textContent = "Writing pseudo-labels…";
     const f = new FormData(e.target);
+    // empty = "auto" (null): the worker sizes the bound; with validation the plateau rule stops it
+    const iterations = String(f.get("iterations") ?? "").trim() === "" ? null : +f.get("iterations");
     try {
       let pls = await api("/api/pseudo-label-sets/", {method: "POST", body: {run: RUN, thresholds: currentThresholds(), apply_reviews: true}});
       while (!["succeeded", "failed", "cancelled"].includes(pls.job.state)) {
@@ -798,9 +824,9 @@
         project: PID, arch: teacher.arch, labeled: ds.results[0].id, validation: state.run.validation,
         pseudo_label_set: pls.id, teacher: state.run.checkpoint, init: f.get("init"), request_key: requestKey,
         min_size: teacher.meta.min_size || null,
-        config: {iterations: +f.get("iterations"), ratio: f.get("ratio"), batch_size: (teacher.meta.config || {}).batch_size || 8,
-                 lr: (teacher.meta.config || {}).lr || 0.02, warmup_iters: Math.min(100, Math.max(1, Math.floor(+f.get("iterations") / 4))),
-                 checkpoint_every: 50}}});
+        config: {iterations, ratio: f.get("ratio"), batch_size: (teacher.meta.config || {}).batch_size || 8,
+                 lr: (teacher.meta.config || {}).lr || 0.02, checkpoint_every: 50,
+                 ...(iterations ? {warmup_iters: Math.min(100, Math.max(1, Math.floor(iterations / 4)))} : {})}}});
       location.href = `/training/${run.id}/`;
     } catch (err) {
       fail(err); btn.disabled = false; btn.textContent = "Create pseudo-labels & train student"; requestKey = crypto.randomUUID();
@@ -817,6 +843,7 @@
       state.S = Float32Array.from(sc.scores); state.C = Int32Array.from(sc.categories); state.I = Int32Array.from(sc.image_index);
       state.nImages = sc.image_ids.length; state.val = sc.validation; state.labeledPerImage = sc.summary.labeled_instances_per_image;
       state.global = snap(state.run.auto_threshold ?? 0.5);
+      document.querySelector("#student-form .no-val-note").hidden = !!state.run.validation;
       $("auto-value").textContent = state.run.auto_threshold == null ? "(n/a)" : state.run.auto_threshold.toFixed(2);
       buildClassSliders();
       readUrl();

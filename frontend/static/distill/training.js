@@ -7,7 +7,7 @@
   const root = document.getElementById("training");
   const RUN = +root.dataset.run, PID = +root.dataset.project, KIND = root.dataset.task === "keypoints" ? "keypoints" : "bbox";
   const $ = (id) => document.getElementById(id);
-  let lossChart = null, apChart = null, shownConfig = false, teacherInfo = null, fedBy = false;
+  let lossChart = null, apChart = null, shownConfig = "", sawAuto = false, teacherInfo = null, fedBy = false;
   const FINAL = ["succeeded", "failed", "cancelled"];
 
   function eta(run) {
@@ -163,23 +163,54 @@
       $("error").textContent = j.error || "";
       $("cancel").hidden = FINAL.includes(j.state);
       $("retry").hidden = !["failed", "cancelled"].includes(j.state);
-      if (!shownConfig) {
-        shownConfig = true;
+      // the config is redrawn while it changes: iterations "auto" (null) until the worker sizes it
+      if (shownConfig !== JSON.stringify(run.config)) {
+        shownConfig = JSON.stringify(run.config);
         const c = run.config;
-        const items = {architecture: run.arch, init: run.role === "student" ? run.init : "—", iterations: c.iterations ?? "auto",
+        if (c.iterations == null) sawAuto = true;
+        const iters = c.iterations == null ? "auto (sized by the worker when it starts)"
+          : sawAuto ? `${c.iterations} (auto: sized from the data and the device)` : c.iterations;
+        root.dataset.iterations = c.iterations ?? "auto";
+        const items = {architecture: run.arch, init: run.role === "student" ? run.init : "—", iterations: iters,
           "batch size": c.batch_size, "labeled:pseudo": run.role === "student" ? c.ratio : "labeled only",
           "learning rate": c.lr, schedule: c.schedule || "steps",
           ...(c.schedule === "plateau" || (c.schedule === "auto" && run.validation) ? {patience: c.patience, "evaluate every": c.eval_every || "auto"}
             : {"decay at": (c.steps || []).map((s) => Math.round(s * 100) + "%").join(", ")})};
-        $("config").replaceChildren(...Object.entries(items).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
+        $("config").replaceChildren(...Object.entries(items).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {"data-key": k}, String(v))]));
       }
       renderCurves(run);
       const ap = j.state === "succeeded" ? await renderAP(run) : null;
       await renderCompare(run, ap).catch(fail);
+      renderAgain(run);
       root.dataset.state = j.state; root.dataset.progress = j.progress;
       if (!FINAL.includes(j.state)) setTimeout(tick, 1000);
     } catch (e) { fail(e); setTimeout(tick, 5000); }
   }
+  /* Rounds: a finished student becomes the next round's teacher. "Distill again" starts an
+     inference run of this student's checkpoint on the same unlabeled set, with the transforms and
+     options of the inference run that fed it (its pseudo-label set's run). */
+  function renderAgain(run) {
+    const box = $("again");
+    if (!box) return;
+    box.hidden = !(run.role === "student" && run.job.state === "succeeded" && run.checkpoint && run.pseudo_label_set);
+  }
+  async function distillAgain() {
+    const btn = $("distill-again");
+    if (btn.disabled) return;
+    btn.disabled = true;
+    try {
+      const run = await api(`/api/training-runs/${RUN}/`);
+      const pls = await api(`/api/pseudo-label-sets/${run.pseudo_label_set}/`);
+      const prev = await api(`/api/inference-runs/${pls.run}/`);
+      const next = await api("/api/inference-runs/", {method: "POST", body: {
+        project: PID, checkpoint: run.checkpoint, dataset: prev.dataset, validation: prev.validation,
+        transforms: prev.transforms, options: prev.options, chunk_size: prev.chunk_size}});
+      root.dataset.nextRun = next.id;
+      location.href = `/projects/${PID}/?inference=${next.id}#infer-card`;
+    } catch (e) { fail(e); btn.disabled = false; }
+  }
+  if ($("distill-again")) $("distill-again").onclick = distillAgain;
+
   $("cancel").onclick = async () => {
     if (!(await confirmDialog("Cancel this training? The last checkpoint is kept; retry resumes from it.", {ok: "Cancel training", cancel: "Keep training", danger: true}))) return;
     try { await api(`/api/training-runs/${RUN}/cancel/`, {method: "POST"}); toast("cancelling"); } catch (e) { fail(e); }
