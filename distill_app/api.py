@@ -275,6 +275,22 @@ class ModelCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, m
         return FileResponse(open(c.path, "rb"), as_attachment=True, filename=f"{c.role}-{c.pk}-{c.arch}.pt")
 
 
+class KnownCount:
+    """A queryset whose length is already known (Django's paginator asks count() first)."""
+
+    def __init__(self, qs, n: int):
+        self.qs, self.n = qs, n
+
+    def count(self) -> int:
+        return self.n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k):
+        return self.qs[k]
+
+
 def cancel_job(job: Job) -> Response:
     """Ask a running job to stop (its task checks); a job still queued, or one whose worker is
     gone, is cancelled at once."""
@@ -436,6 +452,12 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
             ordered = [i for i, ens in ordered.values_list("id", "ensembled").iterator(chunk_size=2000) if keep(ens)]
         else:
             ordered = ordered.values_list("id", flat=True)
+            filtered = any(p.get(k) for k in ("category", "image", "min_score", "max_score", "max_agreement", "review"))
+            known = (run.job.result or {}).get("images") if run.job.state == Job.SUCCEEDED else None
+            if not filtered and isinstance(known, int):
+                # The finished run's statistics know how many images it has: no COUNT(*) over
+                # millions of rows for every page of the review grid.
+                ordered = KnownCount(ordered, known)
         ids = self.paginate_queryset(ordered)
         rows = {r["id"]: r for r in Prediction.objects.filter(id__in=list(ids)).values(*cols)}
         page = [rows[i] for i in ids]
