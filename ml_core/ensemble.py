@@ -164,15 +164,17 @@ def _pad_groups(keys: torch.Tensor, num_groups: int, *tensors: torch.Tensor):
     return out, mask, pos
 
 
-def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[G, K, 4] x [G, N, 4] -> [G, K, N]."""
+def batched_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """[G, K, 4] x [G, N, 4] -> [G, K, N]. eps=0 divides exactly as torchvision's NMS kernels do
+    (what the detector's own NMS must match); the default keeps empty boxes from dividing by 0."""
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
     rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
     wh = (rb - lt).clamp_min_(0)
     inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp_min_(1e-12)
+    union = area_a[:, :, None] + area_b[:, None, :] - inter
+    return inter / (union.clamp_min_(eps) if eps else union)
 
 
 def _padded_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_groups: int,
@@ -195,7 +197,7 @@ def _padded_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
         return None
     (gb,), mask, pos = _pad_groups(groups[order], num_groups, boxes[order])
     above = torch.ones(width, width, dtype=torch.bool, device=boxes.device).triu_(1)
-    over = (_batched_iou(gb, gb) > iou_thresh) & above & mask[:, :, None]
+    over = (batched_iou(gb, gb) > iou_thresh) & above & mask[:, :, None]
     keep = mask
     for _ in range(width):
         suppressed = (over & keep[:, :, None]).any(1)
@@ -259,7 +261,7 @@ def ensemble_boxes_flat(B: torch.Tensor, S: torch.Tensor, L: torch.Tensor, img: 
         groups = n * n_lab
         (ab, as_), amask, _ = _pad_groups(key[order_all], groups, B[order_all], S[order_all])
         (gb, gs), gmask, gpos = _pad_groups(kkey[order_kept], groups, kb[order_kept], ks[order_kept])
-        iou = _batched_iou(gb, ab)
+        iou = batched_iou(gb, ab)
         voters = (iou >= vote_thresh) & amask[:, None, :]
         w = voters.to(as_.dtype) * as_[:, None, :]
         voted = (w @ ab) / w.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -39,6 +39,8 @@ import torch
 from torch import nn
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from .ensemble import batched_iou
+
 
 # --- the backbone copy used on the GPU ----------------------------------------------------------
 
@@ -107,14 +109,8 @@ def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool) 
 # --- NMS over a padded batch of groups ------------------------------------------------------------
 
 def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[G, K, 4] x [G, N, 4] -> [G, K, N], computed as torchvision's NMS kernels do."""
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    wh = (rb - lt).clamp_min_(0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter)
+    """[G, K, 4] x [G, N, 4] -> [G, K, N], divided exactly as torchvision's NMS kernels do."""
+    return batched_iou(a, b, eps=0.0)
 
 
 def padded_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
