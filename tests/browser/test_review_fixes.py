@@ -2,6 +2,7 @@
 failed before its fix. Several items share one test where they share one trained run (a run costs
 a teacher and an inference on two cores)."""
 import json
+import math
 import re
 
 import pytest
@@ -246,9 +247,12 @@ def test_bulk_accept_project_and_training_pages_after_a_run(page, live_server, r
     run = ready_run["run"]
     page.goto(f"{live_server.url}/runs/{run}/review/")
     page.wait_for_selector("#review[data-ready='1']")
-    set_threshold(page, 0.3)
-    expect = sum(any(d["score"] >= 0.3 for d in p.ensembled)
-                 for p in Prediction.objects.filter(run_id=run, validation=False))
+    # a threshold some images clear and some do not, from the data: the kept teacher is its best
+    # validation checkpoint, which on this tiny fixture may be an early one with low scores
+    preds = list(Prediction.objects.filter(run_id=run, validation=False))
+    t = math.floor(sorted(p.max_score for p in preds)[len(preds) // 2] * 1000) / 1000
+    set_threshold(page, t)
+    expect = sum(any(d["score"] >= t for d in p.ensembled) for p in preds)
     assert expect > 0
     page.click("#bulk-accept")
     page.wait_for_selector("#confirm-dialog[open]")
