@@ -101,6 +101,10 @@ def use_broker(url: str):
     if app._pool is not None:
         app._pool.force_close_all()
     app._pool = None
+    # kombu keeps producer pools in a global registry keyed by the broker URL: going back to a URL
+    # used before would hand out the old pool, whose connections were just closed.
+    from kombu import pools
+    pools.reset()
     if "amqp" in app.__dict__:
         app.__dict__["amqp"]._producer_pool = None
     app._local.__dict__.pop("backend", None)

@@ -429,12 +429,16 @@
     dlg.dataset.dirty = v ? "1" : "";
   }
 
+  let openSeq = 0;
   async function openDetail(i) {
     const item = state.items[i];
     if (!item) return;
-    D.index = i; D.item = item; D.selected = -1; D.undo = []; D.mode = null; D.zoom = 1; D.panX = D.panY = 0;
+    // a navigation (the dialog already open) that the user closed, or overtook, while its image
+    // loaded must not open the dialog again or show a stale image
+    const seq = ++openSeq, navigating = dlg.open;
     const full = await api(`/api/inference-runs/${RUN}/predictions/?image=${item.image}&views=true`).catch(fail);
-    if (!full) return;
+    if (!full || seq !== openSeq || (navigating && !dlg.open)) return;
+    D.index = i; D.item = item; D.selected = -1; D.undo = []; D.mode = null; D.zoom = 1; D.panX = D.panY = 0;
     const rec = full.results[0];
     Object.assign(item, {review: rec.review});
     D.views = rec.views || {};
