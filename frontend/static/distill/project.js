@@ -179,9 +179,9 @@
   async function refresh() {
     try {
       const [p] = await Promise.all([api(`/api/projects/${PID}/pipeline/`), renderDatasets()]);
-      app.dataset.ready = "1";
       renderSteps(p);
       const busy = await renderRuns();
+      app.dataset.ready = "1";  // everything drawn: steps, datasets, runs, evaluations
       clearTimeout(refresh._t);
       refresh._t = setTimeout(refresh, busy ? 1500 : 10000);
     } catch (e) { fail(e); }
