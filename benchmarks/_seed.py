@@ -36,15 +36,14 @@ def django_setup(data_dir: Path, database_url: str | None = None):
 CATEGORIES = [{"id": 1, "name": "disc"}, {"id": 2, "name": "block"}, {"id": 3, "name": "triangle"}]
 
 
-def seed_run(n_images: int, per_image: int, seed: int = 0, username: str = "bench", with_views: bool = False):
-    """Create user, project, datasets, a checkpoint row, a finished run and its predictions."""
+def _bench_project(username: str, n_images: int, per_image: int):
+    """The user, project, an unlabeled dataset, and a labeled image with per_image annotations
+    (what the automatic threshold needs); rel is the one image file every seeded row points at."""
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from PIL import Image as PILImage
 
-    from distill_app import threshold_stats
-    from distill_app.models import (Annotation, Dataset, Image, InferenceRun, Job, ModelCheckpoint, Prediction,
-                                    Project)
+    from distill_app.models import Annotation, Dataset, Image, Project
     User = get_user_model()
     user, _ = User.objects.get_or_create(username=username)
     user.set_password("bench-password")
@@ -58,6 +57,15 @@ def seed_run(n_images: int, per_image: int, seed: int = 0, username: str = "benc
     rel = str(thumb.relative_to(settings.MEDIA_ROOT))
     limg = Image.objects.create(dataset=lab, file=rel, thumbnail=rel, file_name="l.jpg", sha256="l" * 64, width=640, height=480)
     Annotation.objects.bulk_create([Annotation(image=limg, category_id=1 + i % 3, bbox=[10 * i, 10, 40, 40]) for i in range(per_image)])
+    return user, project, unl, rel
+
+
+def seed_run(n_images: int, per_image: int, seed: int = 0, username: str = "bench", with_views: bool = False):
+    """Create user, project, datasets, a checkpoint row, a finished run and its predictions."""
+
+    from distill_app import threshold_stats
+    from distill_app.models import (Image, InferenceRun, Job, ModelCheckpoint, Prediction)
+    user, project, unl, rel = _bench_project(username, n_images, per_image)
     t = time.perf_counter()
     rows = [Image(dataset=unl, file=rel, thumbnail=rel, file_name=f"img_{i:06d}.jpg", sha256=f"{i:064d}", width=640,
                   height=480) for i in range(n_images)]
@@ -141,28 +149,12 @@ def seed_run_bulk(n_images: int, per_image: int, seed: int = 0, username: str = 
     rows generated with numpy and written with COPY (PostgreSQL) or prepared executemany (SQLite).
     Returns (user, run, info) with the seconds spent seeding and building the run's statistics."""
     import numpy as np
-    from django.conf import settings
-    from django.contrib.auth import get_user_model
     from django.db import connection
     from django.utils import timezone
-    from PIL import Image as PILImage
 
     from distill_app import threshold_stats
-    from distill_app.models import (Annotation, Dataset, Image, InferenceRun, Job, ModelCheckpoint, Prediction,
-                                    Project)
-    User = get_user_model()
-    user, _ = User.objects.get_or_create(username=username)
-    user.set_password("bench-password")
-    user.save()
-    project = Project.objects.create(owner=user, name=f"bench {n_images}x{per_image}", categories=CATEGORIES)
-    lab = Dataset.objects.create(project=project, name="labeled", role="labeled")
-    unl = Dataset.objects.create(project=project, name="unlabeled", role="unlabeled")
-    thumb = Path(settings.MEDIA_ROOT) / "bench" / "thumb.jpg"
-    thumb.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.new("RGB", (256, 192), (90, 120, 160)).save(thumb)
-    rel = str(thumb.relative_to(settings.MEDIA_ROOT))
-    limg = Image.objects.create(dataset=lab, file=rel, thumbnail=rel, file_name="l.jpg", sha256="l" * 64, width=640, height=480)
-    Annotation.objects.bulk_create([Annotation(image=limg, category_id=1 + i % 3, bbox=[10 * i, 10, 40, 40]) for i in range(per_image)])
+    from distill_app.models import (Image, InferenceRun, Job, ModelCheckpoint, Prediction)
+    user, project, unl, rel = _bench_project(username, n_images, per_image)
     t0 = time.perf_counter()
     now = timezone.now()
     if connection.vendor == "sqlite":
