@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ml_core.engine import TrainConfig
+from ml_core.engine import Hook, TrainConfig
 from ml_core.evaluation import format_table
 from ml_core.pipeline import PipelineOptions, run_pipeline
 from ml_core.synth import SynthConfig, generate
@@ -38,7 +38,27 @@ PRESETS = {
 }
 
 
-def run_task(task: str, p: dict, out: Path, seed: int, oracle: bool = True, rounds: int = 1) -> dict:
+class ValidationLog(Hook):
+    """One line per validation, so a long run shows where each model stands."""
+
+    def __init__(self, label: str):
+        self.label, self.seen = label, 0
+
+    def after_step(self, state):
+        if len(state.val_history) > self.seen:
+            self.seen = len(state.val_history)
+            v, best = state.val_history[-1], state.best or {}
+            print(f"[{self.label}] {state.iteration}/{state.config.iterations} val AP {v['AP']:.2f} "
+                  f"(best {best.get('AP', v['AP']):.2f}) lr {v.get('lr', 0):.4g} {time.strftime('%H:%M:%S')}",
+                  flush=True)
+
+    def after_train(self, state):
+        print(f"[{self.label}] done at {state.iteration}/{state.config.iterations}: {state.stopped or 'bound'}",
+              flush=True)
+
+
+def run_task(task: str, p: dict, out: Path, seed: int, oracle: bool = True, rounds: int = 1,
+             device: str | None = None) -> dict:
     data = out / f"data_{task}"
     generate(data, SynthConfig(kind=task, image_size=p["size"], labeled=p["labeled"], unlabeled=p["unlabeled"],
                                val=p["val"], seed=seed))
@@ -51,7 +71,8 @@ def run_task(task: str, p: dict, out: Path, seed: int, oracle: bool = True, roun
                                      transforms=TransformSet(p["scales"], flip=True), teacher_config=teacher_cfg,
                                      student_config=student_cfg, threshold="auto", baselines=True,
                                      min_size=p["size"], teacher_iterations=p["iterations"],
-                                     student_iterations=p["student"], oracle=oracle, rounds=rounds))
+                                     student_iterations=p["student"], oracle=oracle, rounds=rounds, device=device),
+                     hooks_for=lambda name: [ValidationLog(f"{task} seed {seed} {name}")])
     return task_result(task, r, minutes=round((time.time() - t) / 60, 1))
 
 
@@ -95,6 +116,8 @@ def main():
                                                  "initialisation, and the tables show the mean")
     ap.add_argument("--oracle", action="store_true", help="also train the oracle student (true labels)")
     ap.add_argument("--rounds", type=int, default=1, help="distillation rounds (each student teaches the next)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); the preset's "
+                                                   "schedule bounds follow the device (engine.default_iterations)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: print the tables of the runs already finished under --out")
     args = ap.parse_args()
@@ -113,7 +136,7 @@ def main():
                 continue
         else:
             task_seeds = seeds
-            runs = [run_task(task, p, out / f"seed{seed}", seed, args.oracle, args.rounds) for seed in seeds]
+            runs = [run_task(task, p, out / f"seed{seed}", seed, args.oracle, args.rounds, args.device) for seed in seeds]
         key = runs[0]["metric"]
         table, quality = mean_table(runs, "ap"), mean_table(runs, "pseudo_label_quality")
         minutes = [r["minutes"] for r in runs if r["minutes"] is not None]

@@ -55,7 +55,7 @@ def _add_train_options(p: argparse.ArgumentParser):
     p.add_argument("--lr", type=float, default=0.02, help="base learning rate")
     p.add_argument("--schedule", default="auto", choices=["auto", "steps", "plateau"],
                    help="steps: x0.1 at 70%% and 90%%; plateau: x0.1 when validation AP stops improving, then stop "
-                        "(auto: plateau with a validation set)")
+                        "(auto, with a validation set: the first decay at 70%%, the plateau rule after it)")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N iterations (0: about 10%% of the time)")
     p.add_argument("--patience", type=int, default=4, help="evaluations without a new best before the rate drops")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up iterations")

@@ -2,12 +2,18 @@
 tracking that keeps the best weights.
 
 SGD with linear warm-up, mixed precision on CUDA, DistributedDataParallel when launched by
-torchrun. Two learning-rate schedules:
+torchrun. Learning-rate schedules:
 - "steps": x0.1 at 70% and 90% of the iterations (Detectron's fixed schedule);
 - "plateau" (needs a validation function): the rate stays up while validation AP improves; after
   `patience` evaluations without a new best it drops x0.1 (and at 70% and 90% of the bound at the
   latest), and after the last drop's plateau training stops. `iterations` is then the bound, not
   the length: the model trains until its validation AP says it has converged.
+- "auto" (the default): with a validation function, the first decay comes at 70% of the bound as
+  in "steps" and the plateau rule applies only after it (an earlier second decay, then the stop).
+  On a small validation set AP moves by a few points between evaluations, and the plateau rule
+  read that noise as convergence early in training: on the CPU preset's data, a teacher whose rate
+  it cut at 1,100 of 2,300 iterations ended at 33.7 AP where the fixed first decay reached 40.1.
+  Without a validation function, "auto" is "steps".
 With validation, the weights that scored best are the ones saved at the end. Teacher training uses
 the labeled set alone; student training mixes labeled and pseudo-labeled images in every minibatch.
 """
@@ -178,6 +184,8 @@ class Validation:
 
     def __init__(self, evaluate: Callable[[torch.nn.Module], float], config: TrainConfig, plateau: bool):
         self.evaluate, self.cfg, self.plateau = evaluate, config, plateau
+        # "auto": the first decay follows the step schedule; the plateau rule only acts after it
+        self.after_first_decay = config.schedule == "auto"
         self.best_state: dict | None = None
         self.since_best = 0
 
@@ -212,6 +220,8 @@ class Validation:
             return None
         self.since_best += 1
         if not self.plateau or self.since_best < self.cfg.patience:
+            return None
+        if self.after_first_decay and state.drops == 0:
             return None
         self.since_best = 0
         if state.drops < len(self.cfg.steps):
@@ -317,8 +327,10 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
             if state.iteration % config.log_every == 0 or state.iteration == config.iterations or state.iteration == 1:
                 state.history.append({"iteration": state.iteration, **{k: round(v, 5) for k, v in state.losses.items()},
                                       "lr": optimizer.param_groups[0]["lr"], "time": round(time.time() - state.started, 2)})
-            if plateau:  # the step schedule's decays count as drops for the stopping rule
-                state.drops = max(state.drops, scheduled_drops(state.iteration, config))
+            if plateau and scheduled_drops(state.iteration, config) > state.drops:
+                # the step schedule's decays count as drops; patience counts afresh after each
+                state.drops = scheduled_drops(state.iteration, config)
+                validation.since_best = 0
             if validation is not None and rank == 0 and validation.due(state):
                 seconds_per_iter = (time.time() - state.started - sum(v["seconds"] for v in state.val_history)) \
                     / max(state.iteration, 1)

@@ -41,7 +41,7 @@ def test_plateau_drops_the_rate_then_stops_and_keeps_the_best_weights(det_data, 
     model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
     # evaluations at 2, 4, 6, ...: best at 4; two without gain -> drop; two more -> drop; two more -> stop
     val = Scripted([5.0, 9.0, 8.0, 8.5, 7.0, 9.05, 6.0, 6.0])
-    state = fit(model, _dataset(det_data), _cfg(), validate=val, checkpoint_path=tmp_path / "m.pt")
+    state = fit(model, _dataset(det_data), _cfg(schedule="plateau"), validate=val, checkpoint_path=tmp_path / "m.pt")
     assert [v["iteration"] for v in state.val_history] == [2, 4, 6, 8, 10, 12, 14, 16]
     assert state.best == {"iteration": 4, "AP": 9.0}  # 9.05 is within min_delta of 9.0: not better
     assert state.drops == 2 and state.iteration == 16 and "converged" in state.stopped
@@ -107,7 +107,21 @@ def test_a_curve_that_keeps_rising_still_decays_then_stops_on_a_plateau(det_data
     model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
     # rising by more than min_delta at every evaluation until 28, then flat
     values = [float(i) for i in range(1, 15)] + [14.0] * 20
-    state = fit(model, _dataset(det_data), _cfg(iterations=40, eval_every=2, patience=2), validate=Scripted(values))
+    state = fit(model, _dataset(det_data), _cfg(iterations=40, eval_every=2, patience=2, schedule="plateau"),
+                validate=Scripted(values))
     lrs = {v["iteration"]: v["lr"] for v in state.val_history}
     assert lrs[26] == pytest.approx(0.01) and lrs[28] == pytest.approx(0.001)  # decayed at 70% of the bound
     assert state.drops == 2 and "converged" in state.stopped and state.iteration == 36
+
+
+def test_auto_schedule_takes_no_noise_for_a_plateau_before_the_first_decay(det_data):
+    model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    # best at 4, then noise below it: "plateau" would drop at 8; "auto" keeps the rate until 70% (28),
+    # counts patience afresh from there (28, 30: drop), then 32, 34: stop
+    values = [5.0, 9.0] + [8.0, 7.0] * 20
+    state = fit(model, _dataset(det_data), _cfg(iterations=40, eval_every=2, patience=2), validate=Scripted(values))
+    lrs = {v["iteration"]: v["lr"] for v in state.val_history}
+    assert lrs[26] == pytest.approx(0.01) and lrs[28] == pytest.approx(0.001) and lrs[30] == pytest.approx(0.001)
+    assert lrs[32] == pytest.approx(0.0001)
+    assert state.drops == 2 and "converged" in state.stopped and state.iteration == 34
+    assert state.best == {"iteration": 4, "AP": 9.0}
