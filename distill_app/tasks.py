@@ -136,7 +136,7 @@ def train_model(run_id: int, attempt: int | None = None):
             raise ValueError("the pseudo-label set is not finished")
         span = 0.9 if run.validation_id else 1.0
         config = _sized_config(run, pseudo)
-        # With a validation set, AP is tracked during training (best weights kept, plateau schedule).
+        # With a validation set, AP is tracked during training (best weights kept, stop on convergence).
         val_json = _write_coco(dataset_to_coco(run.validation), folder / "val.json") if run.validation_id else None
         pipeline.train(labeled_json, settings.MEDIA_ROOT, str(out), arch=run.arch,
                        config=config, pseudo_json=str(pseudo.path) if pseudo else None,

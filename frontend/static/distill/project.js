@@ -96,6 +96,7 @@
       all(`/api/inference-runs/?project=${PID}`), all(`/api/evaluations/?project=${PID}`)]);
     // any model can teach: a student is the next round's teacher
     fillSelect(document.getElementById("ckpt-select"), ckpts, (c) => `${c.name} · ${c.role} · ${c.arch}`);
+    checkpoints = ckpts; suggestScales();
     document.getElementById("teacher-runs").replaceChildren(...runs.filter((r) => r.role === "teacher").map((r) =>
       jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `teacher run #${r.id} · ${r.arch}`), `/api/training-runs/${r.id}/cancel/`)));
     const ckName = (id) => { const c = ckpts.find((k) => k.id === id); return c ? `${c.name} (${c.role})` : `model ${id}`; };
@@ -195,7 +196,7 @@
   });
 
   /* Iterations empty = "auto" (null): the worker sizes the bound from the data and its device
-     and, with a validation set, the plateau rule stops when validation AP converges. A number
+     and, with a validation set, training stops when validation AP converges after the first decay. A number
      overrides it (with a warm-up sized to it). */
   function trainConfig(iterations, rest) {
     const n = String(iterations ?? "").trim() === "" ? null : +iterations;
@@ -223,6 +224,20 @@
     const form = new FormData(e.target); form.append("project", PID); form.append("role", "teacher");
     try { await Distill.upload("/api/models/upload/", form); toast("checkpoint imported"); refresh(); } catch (err) { fail(err); }
   });
+
+  /* The views' default scales follow the teacher's training size, as the paper's do (Detectron
+     trains at 800 and tests at 400..1200): 2/3, 1, 4/3 and 5/3 of it, multiples of 16, until the
+     user types their own. */
+  let checkpoints = [];
+  const scalesInput = document.querySelector('#infer-form [name="scales"]');
+  scalesInput.addEventListener("input", () => (scalesInput.dataset.touched = "1"));
+  function suggestScales() {
+    const c = checkpoints.find((k) => String(k.id) === document.getElementById("ckpt-select").value);
+    const s = c && c.meta && c.meta.min_size;
+    if (!s || scalesInput.dataset.touched) return;
+    scalesInput.value = [2 / 3, 1, 4 / 3, 5 / 3].map((f) => Math.max(32, Math.round((s * f) / 16) * 16)).join(",");
+  }
+  document.getElementById("ckpt-select").addEventListener("change", suggestScales);
 
   document.getElementById("infer-form").addEventListener("submit", async (e) => {
     e.preventDefault();

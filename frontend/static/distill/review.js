@@ -812,7 +812,7 @@
     if (btn.disabled) return;
     btn.disabled = true; btn.textContent = "Writing pseudo-labels…";
     const f = new FormData(e.target);
-    // empty = "auto" (null): the worker sizes the bound; with validation the plateau rule stops it
+    // empty = "auto" (null): the worker sizes the bound; with validation it stops once AP converges
     const iterations = String(f.get("iterations") ?? "").trim() === "" ? null : +f.get("iterations");
     try {
       let pls = await api("/api/pseudo-label-sets/", {method: "POST", body: {run: RUN, thresholds: currentThresholds(), apply_reviews: true}});

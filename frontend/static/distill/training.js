@@ -175,7 +175,10 @@
           "batch size": c.batch_size, "labeled:pseudo": run.role === "student" ? c.ratio : "labeled only",
           "learning rate": c.lr, schedule: c.schedule || "steps",
           ...(c.schedule === "plateau" || (c.schedule === "auto" && run.validation) ? {patience: c.patience, "evaluate every": c.eval_every || "auto"}
-            : {"decay at": (c.steps || []).map((s) => Math.round(s * 100) + "%").join(", ")})};
+            : {}),
+          "decay at": c.schedule === "plateau" && run.validation ? "on a plateau (70%, 90% at the latest)"
+            : c.schedule === "auto" && run.validation ? `${Math.round((c.steps || [0.7])[0] * 100)}%, then on a plateau (90% at the latest)`
+            : (c.steps || []).map((s) => Math.round(s * 100) + "%").join(", ")};
         $("config").replaceChildren(...Object.entries(items).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {"data-key": k}, String(v))]));
       }
       renderCurves(run);
