@@ -64,7 +64,7 @@ GPU = {
     "box_ensembling": dict(images=300, batch=64, budget_s=25, min_s=8),
     "train_pipeline": dict(arch="fasterrcnn_resnet50_fpn", size=512, batch=16, iterations=60, workers=8, images=64,
                            budget_s=50, min_s=15),
-    "distillation": dict(arch="fasterrcnn_resnet18_fpn", size=320, labeled=200, unlabeled=1200, val=150,
+    "distillation": dict(arch="fasterrcnn_resnet18_fpn", size=320, labeled=200, unlabeled=800, val=150,
                          batch=16, lr=0.02, scales=[224, 320, 416, 512], workers=6, group=8,
                          calibration_iterations=15, min_iterations=50, max_iterations=4000, reserve_s=35,
                          budget_s=None, min_s=60),
@@ -659,19 +659,26 @@ def step_distill(ctx: StepContext, p: dict):
     secs = fig.setdefault("seconds", {})
 
     class Deadline(Hook):
-        """Stops training at the step's deadline; iterations after the warm-up are timed."""
+        """Ends training (as a converged run ends, keeping what it has) at `until`, at the latest the
+        step's deadline, and raises only past the step's deadline; iterations after the warm-up are timed."""
 
-        def __init__(self):
+        def __init__(self, until: float | None = None):
             self.t5 = None
             self.n = 0
+            self.until = min(until or ctx.deadline, ctx.deadline)
+            self.cut = False
 
         def after_step(self, state):
             if state.iteration == 5:
                 self.t5 = time.perf_counter()
             elif self.t5 is not None:
                 self.n += 1
-            if time.perf_counter() > ctx.deadline:
+            now = time.perf_counter()
+            if now > ctx.deadline + 30:
                 raise Cancelled(f"step time budget reached at iteration {state.iteration}")
+            if now > self.until and not state.stopped:
+                self.cut = True
+                state.stopped = f"this row's share of the step's time ran out at iteration {state.iteration}"
 
         def seconds_per_iteration(self):
             return (time.perf_counter() - self.t5) / self.n if self.n else None
@@ -726,7 +733,10 @@ def step_distill(ctx: StepContext, p: dict):
 
     t = time.perf_counter()
     teacher = str(out / "teacher.pt")
-    train(lab_json, lab_root, teacher, config=config(iters), hooks=[Deadline()], resume=False, **common)
+    # the teacher gets at most 40 % of what is left: inference and three fits follow
+    clock = Deadline(until=time.perf_counter() + 0.4 * max(0.0, ctx.left() - p["reserve_s"]))
+    st = train(lab_json, lab_root, teacher, config=config(iters), hooks=[clock], resume=False, **common)
+    iters = st.iteration
     secs["teacher"] = _r(time.perf_counter() - t, 1)
     t = time.perf_counter()
     record(f"teacher ({iters} iterations, labeled only)", evaluate(teacher, val_json, val_root, device=device)["bbox"])
@@ -772,16 +782,21 @@ def step_distill(ctx: StepContext, p: dict):
     runs = [("student, ensembled pseudo-labels", pseudo["ensembled"], "retrain"),
             ("student, single-view pseudo-labels", pseudo["single_view"], "retrain"),
             (f"control: teacher + {s_iters} iterations on labels only", None, "finetune")]
-    for row, pj, init in runs:
-        need = s_iters * spi + overhead + secs["evaluate"]
-        if ctx.left() < need * 0.8:
+    for k, (row, pj, init) in enumerate(runs):
+        need = overhead + secs["evaluate"] + min(s_iters, 20) * spi
+        if ctx.left() < need:
             fig.setdefault("skipped", []).append(f"{row}: no time left ({ctx.left():.0f} s, needs about {need:.0f} s)")
             continue
         t = time.perf_counter()
         ckpt = str(out / f"{len(rows)}.pt")
-        train(lab_json, lab_root, ckpt, config=config(s_iters), pseudo_json=pj,
-              pseudo_root=str(data / "unlabeled") if pj else None, teacher=teacher, init=init,
-              role="student" if pj else "teacher", hooks=[Deadline()], resume=False, **common)
+        # an equal share of what is left for each remaining row (its evaluation included)
+        share = (ctx.left() - 5) / (len(runs) - k) - secs["evaluate"]
+        clock = Deadline(until=t + share)
+        st = train(lab_json, lab_root, ckpt, config=config(s_iters), pseudo_json=pj,
+                   pseudo_root=str(data / "unlabeled") if pj else None, teacher=teacher, init=init,
+                   role="student" if pj else "teacher", hooks=[clock], resume=False, **common)
+        if clock.cut:
+            row = f"{row} (cut at {st.iteration} of {s_iters} iterations)"
         secs[row] = _r(time.perf_counter() - t, 1)
         record(row, evaluate(ckpt, val_json, val_root, device=device)["bbox"])
         ctx.log(f"{row}: AP {ap[row]['AP']:.2f}")

@@ -285,6 +285,9 @@ def test_bulk_accept_project_and_training_pages_after_a_run(page, live_server, r
     assert len(steps) == 7 and all(h for h, _ in steps) and not any(s == "succeeded" for _, s in steps)
     assert steps[4][0] == f"/runs/{run}/review/"
     assert "No student yet" in page.inner_text("#student-runs")
+    # the views' scales follow the teacher's training size (64 px here): 2/3, 1, 4/3, 5/3 of it
+    assert as_alice.get(f"/api/models/{ready_run['teacher']}/").json()["meta"]["min_size"] == 64
+    page.wait_for_function("document.querySelector('#infer-form [name=scales]').value === '48,64,80,112'")
     icon = page.get_attribute("link[rel=icon]", "href")
     assert page.request.get(live_server.url + icon).ok
     # progress text: dark on a light bar (contrast)
