@@ -7,6 +7,8 @@ trains more students from the same teacher with the same schedule, changing one 
   - init: fine-tune the teacher instead of retraining from its initialisation;
   - and, as the control for fine-tuning (which doubles the teacher's compute), the teacher
     trained the same number of iterations more on the labeled images alone.
+With a run of the validation recipe (its report has "training"), each variant trains as the run's
+students did: validation tracked, best weights kept, the same schedule rule and bound.
 The teacher and the run's own students are evaluated again in the same run as the baselines;
 variants already in the output JSON are kept unless named again with --variants.
 Prints one AP table and the quality of each pseudo-label set against the hidden truth.
@@ -56,7 +58,7 @@ def main():
         "threshold": (f"threshold {args.threshold} (auto {report['thresholds']['ensembled']:.3f})", strict_path, base,
                       "retrain"),
         "ratio": ("ratio 8:2 (6:4)", str(run / "pseudo_ensembled.json"), {**base, "ratio": "8:2"}, "retrain"),
-        "finetune": ("fine-tune the teacher (retrain)", str(run / "pseudo_ensembled.json"), base, "finetune"),
+        "finetune": ("fine-tuned from the teacher (instead of retrained)", str(run / "pseudo_ensembled.json"), base, "finetune"),
         "control": ("control: the teacher trained as long again, labeled only", None, base, "finetune"),
     }
     chosen = args.variants.split(",")
@@ -82,7 +84,8 @@ def main():
         ckpt = str(run / f"student_ablation_{key_}.pt")
         train(str(data / "labeled.json"), str(data / "labeled"), ckpt, arch=meta["arch"], config=TrainConfig.from_dict(cfg),
               pseudo_json=pseudo, pseudo_root=str(data / "unlabeled") if pseudo else None, teacher=teacher, init=init,
-              role="student" if pseudo else "teacher", min_size=meta["min_size"], device=device, resume=False)
+              role="student" if pseudo else "teacher", min_size=meta["min_size"], device=device, resume=False,
+              **({"val_json": str(data / "val.json"), "val_root": str(data / "val")} if report.get("training") else {}))
         results[row] = evaluate(ckpt, str(data / "val.json"), str(data / "val"), device=device)[key]
     schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
     sigmas = schema.sigmas if schema else None
