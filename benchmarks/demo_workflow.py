@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill_app.services import free_port, wait_for_port  # noqa: E402
+from distill_app.serve import PASSWORD_FILE  # noqa: E402
+from distill_app.services import free_port, stop_processes, wait_for_port  # noqa: E402
 
 CHROMIUM = os.environ.get("DISTILL_CHROMIUM", "/usr/bin/chromium")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -44,20 +44,8 @@ def start_serve(data: Path, port: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "distill_app.cli", "serve"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_port("127.0.0.1", port, 300, proc=proc)
-    text = (data.parent / "serve.log").read_text()
-    m = re.search(r"username: admin\s+password: (\S+)", text)
-    if not m:
-        raise RuntimeError(f"no first-user password in the serve log:\n{text[-2000:]}")
-    return proc, m.group(1)
-
-
-def stop_serve(proc: subprocess.Popen):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # the first user's password, from the owner-only file `distill serve` writes for a newcomer
+    return proc, (data / PASSWORD_FILE).read_text().strip()
 
 
 def api(page, path: str):
@@ -179,7 +167,7 @@ def main() -> int:
             report["page_says"] = page.inner_text("#compare")
             browser.close()
     finally:
-        stop_serve(proc)
+        stop_processes([proc], timeout=60)  # SIGTERM: serve stops its children as on Ctrl-C
     m = report["minutes"]
     report["minutes"]["training_and_inference"] = round(sum(m.values()), 2)
     (out / "report.json").write_text(json.dumps(report, indent=2))
