@@ -63,7 +63,7 @@ def _bench_project(username: str, n_images: int, per_image: int):
 def seed_run(n_images: int, per_image: int, seed: int = 0, username: str = "bench", with_views: bool = False):
     """Create user, project, datasets, a checkpoint row, a finished run and its predictions."""
 
-    from distill_app import threshold_stats
+    from distill_app import review_order, threshold_stats
     from distill_app.models import (Image, InferenceRun, Job, ModelCheckpoint, Prediction)
     user, project, unl, rel = _bench_project(username, n_images, per_image)
     t = time.perf_counter()
@@ -98,6 +98,7 @@ def seed_run(n_images: int, per_image: int, seed: int = 0, username: str = "benc
     seeded = time.perf_counter() - t
     t = time.perf_counter()
     threshold_stats.build(run)
+    review_order.build(run)
     built = time.perf_counter() - t
     run.refresh_from_db()
     return user, run, {"seed_seconds": round(seeded, 1), "stats_build_seconds": round(built, 2)}
@@ -152,7 +153,7 @@ def seed_run_bulk(n_images: int, per_image: int, seed: int = 0, username: str = 
     from django.db import connection
     from django.utils import timezone
 
-    from distill_app import threshold_stats
+    from distill_app import review_order, threshold_stats
     from distill_app.models import (Image, InferenceRun, Job, ModelCheckpoint, Prediction)
     user, project, unl, rel = _bench_project(username, n_images, per_image)
     t0 = time.perf_counter()
@@ -206,6 +207,7 @@ def seed_run_bulk(n_images: int, per_image: int, seed: int = 0, username: str = 
     seeded = time.perf_counter() - t0
     t = time.perf_counter()
     threshold_stats.build(run)
+    review_order.build(run)
     built = time.perf_counter() - t
     run.refresh_from_db()
     return user, run, {"seed_seconds": round(seeded, 1), "seed_images_seconds": round(t_images, 1),

@@ -21,7 +21,7 @@ from rest_framework.response import Response
 
 from ml_core.checkpoint import load_model
 
-from . import jobs, tasks, threshold_stats
+from . import jobs, review_order, tasks, threshold_stats
 from .exceptions import BadInput, Conflict, Unavailable
 from .ingest import import_coco, ingest_upload, parse_coco_bytes
 from .jobs import mark_stale_jobs
@@ -453,8 +453,13 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         else:
             ordered = ordered.values_list("id", flat=True)
             filtered = any(p.get(k) for k in ("category", "image", "min_score", "max_score", "max_agreement", "review"))
-            known = (run.job.result or {}).get("images") if run.job.state == Job.SUCCEEDED else None
-            if not filtered and isinstance(known, int):
+            finished = run.job.state == Job.SUCCEEDED
+            stored = review_order.ordered_ids(run, order) if finished and not filtered else None
+            known = (run.job.result or {}).get("images") if finished else None
+            if stored is not None:
+                # the finished run's order, stored when it finished: any page is a slice
+                ordered = stored
+            elif not filtered and isinstance(known, int):
                 # The finished run's statistics know how many images it has: no COUNT(*) over
                 # millions of rows for every page of the review grid.
                 ordered = KnownCount(ordered, known)

@@ -22,7 +22,7 @@ from ml_core.engine import TrainConfig, default_iterations
 from ml_core.transforms import TransformSet
 from ml_core.tta import EnsembleOptions
 
-from . import threshold_stats
+from . import review_order, threshold_stats
 from .celery import app
 from .ingest import dataset_to_coco, ingest_zip
 from .jobs import BROKER_ERRORS, JobHook, Skip, check_cancel, progress_writer, running
@@ -307,6 +307,7 @@ def finalize_inference(run_id: int, attempt: int | None = None):
         if done < run.chunks_total:
             raise ValueError(f"only {done} of {run.chunks_total} chunks finished; retry to run the rest")
         summary = threshold_stats.build(run)
+        review_order.build(run)
         job.beat(result=summary, message="finished")
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import MixedBatchSampler, collate, loader_kwargs, parse_ratio
+from .serialization import plain
 
 
 class Cancelled(Exception):
@@ -270,6 +271,10 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
 
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
         ckpt = read_checkpoint(checkpoint_path)
+        if "optimizer" not in ckpt and ckpt.get("config") == plain(config.to_dict()):
+            # finished earlier with these very settings (a pipeline run again after it stopped):
+            # its weights and curves stand, and nothing is trained twice
+            return _finished(model, ckpt, config, hooks, device)
         if "optimizer" in ckpt and ckpt.get("iteration", 0) < config.iterations:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -361,6 +366,21 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
     for h in hooks:
         h.after_train(state)
     save(final=True)
+    return state
+
+
+def _finished(model: torch.nn.Module, ckpt: dict, config: TrainConfig, hooks, device) -> TrainState:
+    """The TrainState of a final checkpoint, its weights loaded into `model`; hooks see it end."""
+    v = ckpt.get("validation") or {}
+    state = TrainState(config=config, iteration=ckpt.get("iteration", 0), history=ckpt.get("history", []),
+                       val_history=v.get("history", []), best=v.get("best"), drops=v.get("drops", 0),
+                       stopped=v.get("stopped", ""), eval_every=v.get("eval_every", 0))
+    state.started = time.time() - (state.history[-1]["time"] if state.history else 0)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    for h in hooks:
+        h.before_train(state)
+        h.after_train(state)
     return state
 
 

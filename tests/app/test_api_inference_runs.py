@@ -24,6 +24,27 @@ def test_ordering_by_agreement_and_filters(as_alice, finished_run):
     assert r.status_code == 400
 
 
+def test_stored_orderings_page_as_the_database_does(as_alice, finished_run):
+    from distill_app import review_order
+    from distill_app.models import InferenceRun
+    run = InferenceRun.objects.get(pk=finished_run["id"])
+    preds = Prediction.objects.filter(run=run, validation=False).order_by("id")
+    preds.filter(id__in=list(preds.values_list("id", flat=True)[:3])).update(agreement=0.5, max_score=0.5)  # ties
+    assert review_order.build(run) == 6
+
+    def pages(ordering):
+        return [[r["image"] for r in as_alice.get(f"/api/inference-runs/{run.pk}/predictions/?ordering={ordering}"
+                                                  f"&views=false&page_size=4&page={k}").json()["results"]]
+                for k in (1, 2)]
+    orderings = ["image", "agreement", "-agreement", "max_score", "-max_score"]
+    assert review_order.ordered_ids(run, "-agreement").count() == 6  # the stored path answers
+    stored = {o: pages(o) for o in orderings}
+    (run.folder / "order.npz").unlink()  # now every page is the database's ORDER BY ... OFFSET
+    assert review_order.ordered_ids(run, "agreement") is None
+    assert {o: pages(o) for o in orderings} == stored
+    assert all(len(a) == 4 and len(b) == 2 for a, b in stored.values())
+
+
 def test_threshold_stats(as_alice, finished_run):
     rid = finished_run["id"]
     lo = as_alice.get(f"/api/inference-runs/{rid}/threshold-stats/?threshold=0").json()

@@ -52,6 +52,18 @@ def test_teacher_training_cancel_and_resume(det_data, tmp_path):
     assert "optimizer" not in ck and ck["meta"]["role"] == "teacher" and ck["meta"]["init"] == "random"
     assert [h["iteration"] for h in ck["history"]] == [1, 2, 3, 4, 5, 6]
 
+    # run again with the same settings (a pipeline restarted after it stopped): nothing trains twice
+    again = StopAt(-1)
+    state = pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny",
+                           config=_cfg(), hooks=[again], device="cpu")
+    assert again.seen == [] and state.iteration == 6 and len(state.history) == 6
+    assert all(torch.equal(a, b) for a, b in zip(read_checkpoint(out)["model"].values(), ck["model"].values()))
+    # other settings at the same path: that is a new run, trained from the start
+    longer = StopAt(-1)
+    state = pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny",
+                           config=_cfg(iterations=7), hooks=[longer], device="cpu")
+    assert longer.seen == list(range(1, 8)) and state.iteration == 7
+
 
 def test_student_retrains_from_the_teacher_initialisation(det_data, tmp_path):
     teacher = tmp_path / "teacher.pt"
