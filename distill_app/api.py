@@ -30,7 +30,7 @@ from .models import (Dataset, Evaluation, Image, InferenceRun, Job, ModelCheckpo
 from .permissions import owned
 from .serializers import (DatasetSerializer, EvaluationSerializer, ImageSerializer, InferenceRunSerializer,
                           JobSerializer, ModelCheckpointSerializer, ProjectSerializer, PseudoLabelSetSerializer,
-                          ReviewSerializer, TrainingRunSerializer)
+                          ReviewSerializer, TrainingRunSerializer, compact_instances)
 from .validation import SafeJSONParser, id_filters, parse_id, parse_thresholds
 
 MESSAGE = inline_serializer("Message", {"message": serializers.CharField()})
@@ -476,14 +476,10 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
                    .values("id", "image_id", "state", "instances", "updated")}
         out = []
         if p.get("compact", "").lower() in ("1", "true", "yes"):
-            def row(d):
-                b = d["bbox"]
-                a = [round(b[0], 1), round(b[1], 1), round(b[2], 1), round(b[3], 1), round(d["score"], 5), d["category_id"]]
-                return a + [[round(v, 1) for v in d["keypoints"]]] if d.get("keypoints") else a
-            for r in page:
+            for r, ens in zip(page, compact_instances([r["ensembled"] for r in page])):
                 out.append({"image": r["image_id"], "file_name": r["image__file_name"], "width": r["image__width"],
                             "height": r["image__height"], "agreement": round(r["agreement"], 4),
-                            "max_score": round(r["max_score"], 4), "ensembled": [row(d) for d in r["ensembled"]],
+                            "max_score": round(r["max_score"], 4), "ensembled": ens,
                             **({"error": r["error"]} if r["error"] else {}), "review": reviews.get(r["image_id"])})
             return self.get_paginated_response(out)
         for r in page:

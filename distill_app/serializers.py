@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 from django.conf import settings
 from django.db import models as db_models
 from rest_framework import serializers
@@ -331,3 +332,21 @@ class EvaluationSerializer(ModelSerializer):
         if attrs["dataset"].role == "unlabeled":
             raise serializers.ValidationError({"dataset": "evaluation needs a labeled or validation set"})
         return attrs
+
+
+def compact_instances(per_image: list[list[dict]]) -> list[list]:
+    """Instances as the review grid draws them: [x, y, w, h, score, category_id(, keypoints)],
+    boxes to 0.1 px and scores to 1e-5 (as /scores/). One vectorised rounding for a whole page
+    (a page of 100 images x 20 instances is 10,000 numbers)."""
+    flat = [d for ens in per_image for d in ens]
+    if not flat:
+        return [[] for _ in per_image]
+    a = np.array([(*d["bbox"], d["score"]) for d in flat], dtype=np.float64)
+    boxes, scores = np.round(a[:, :4], 1).tolist(), np.round(a[:, 4], 5).tolist()
+    rows = [[*b, s, d["category_id"]] + ([np.round(d["keypoints"], 1).tolist()] if d.get("keypoints") else [])
+            for b, s, d in zip(boxes, scores, flat)]
+    out, k = [], 0
+    for ens in per_image:
+        out.append(rows[k:k + len(ens)])
+        k += len(ens)
+    return out

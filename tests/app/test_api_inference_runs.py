@@ -45,6 +45,18 @@ def test_stored_orderings_page_as_the_database_does(as_alice, finished_run):
     assert all(len(a) == 4 and len(b) == 2 for a, b in stored.values())
 
 
+def test_compact_rows_are_the_full_rows_rounded(as_alice, finished_run):
+    base = f"/api/inference-runs/{finished_run['id']}/predictions/?ordering=-max_score&views=false"
+    full, compact = as_alice.get(base).json()["results"], as_alice.get(base + "&compact=1").json()["results"]
+    assert [r["image"] for r in compact] == [r["image"] for r in full]
+    assert sum(len(r["ensembled"]) for r in full) > 0
+    for f, c in zip(full, compact):
+        assert len(c["ensembled"]) == len(f["ensembled"]) and "url" not in c
+        for d, row in zip(f["ensembled"], c["ensembled"]):
+            assert row[:4] == pytest.approx(d["bbox"], abs=0.0501) and row[4] == pytest.approx(d["score"], abs=5e-6)
+            assert row[5] == d["category_id"] and len(row) == 6
+
+
 def test_threshold_stats(as_alice, finished_run):
     rid = finished_run["id"]
     lo = as_alice.get(f"/api/inference-runs/{rid}/threshold-stats/?threshold=0").json()
