@@ -145,7 +145,11 @@ def cmd_train(args):
         torch.distributed.destroy_process_group()
         if rank:
             return
-    print(f"saved {args.out} after {state.iteration} iterations, final loss {state.losses.get('loss', float('nan')):.4f}")
+    if state.already_trained:
+        print(f"{args.out} already holds this training, finished with these settings after {state.iteration} "
+              "iterations: kept as it is (delete it, or change a setting, to train again)")
+    else:
+        print(f"saved {args.out} after {state.iteration} iterations, final loss {state.losses.get('loss', float('nan')):.4f}")
     if state.best:
         print(f"validation AP: best {state.best['AP']:.2f} at iteration {state.best['iteration']} (saved); {state.stopped}")
 
@@ -275,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", help="teacher checkpoint (student: its initialisation, or --init finetune)")
     s.add_argument("--init", default="retrain", choices=["retrain", "finetune"])
     s.add_argument("--skip-invalid", action="store_true", help="skip bad COCO entries and report them")
-    s.add_argument("--out", required=True, help="checkpoint to write (resumed if it exists)")
+    s.add_argument("--out", required=True, help="checkpoint to write (continued if it exists; kept as it is if it "
+                   "finished with the same settings)")
     s.add_argument("--val", help="validation COCO JSON: track AP, keep the best weights, stop on a plateau")
     s.add_argument("--val-images", help="validation image folder (default: the JSON's name without .json)")
     _add_train_options(s)

@@ -144,6 +144,8 @@ class TrainState:
     drops: int = 0
     stopped: str = ""
     eval_every: int = 0
+    # True when fit found this training already finished at its checkpoint path (nothing trained)
+    already_trained: bool = False
 
     @property
     def progress(self) -> float:
@@ -374,7 +376,7 @@ def _finished(model: torch.nn.Module, ckpt: dict, config: TrainConfig, hooks, de
     v = ckpt.get("validation") or {}
     state = TrainState(config=config, iteration=ckpt.get("iteration", 0), history=ckpt.get("history", []),
                        val_history=v.get("history", []), best=v.get("best"), drops=v.get("drops", 0),
-                       stopped=v.get("stopped", ""), eval_every=v.get("eval_every", 0))
+                       stopped=v.get("stopped", ""), eval_every=v.get("eval_every", 0), already_trained=True)
     state.started = time.time() - (state.history[-1]["time"] if state.history else 0)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -375,6 +375,8 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     5. With rounds > 1, each round's student is the next round's teacher.
     With baselines, also a student on single-view pseudo-labels (same threshold rule) and an
     oracle student on the unlabeled split's true labels (needs unlabeled_gt.json).
+    Run again on the same folders after a stop, it keeps every model that finished (with the same
+    settings) and continues an interrupted one from its last checkpoint.
     """
     d, out = o.data, o.out
     out.mkdir(parents=True, exist_ok=True)
