@@ -47,8 +47,10 @@ def envlist(name: str, default: list[str]) -> list[str]:
 
 
 # WAL lets the web server read while a worker writes; the timeout rides out short write locks;
-# IMMEDIATE transactions take the write lock up front, so two writers queue on the timeout instead
-# of deadlocking (a deferred transaction that upgrades to writing gets "database is locked" at once).
+# IMMEDIATE transactions take the write lock up front, so two writers queue instead of deadlocking
+# (a deferred transaction that upgrades to writing gets "database is locked" at once), and
+# distill_app.sqlite_backend makes them queue in line rather than on SQLite's polling back-off.
+SQLITE_ENGINE = "distill_app.sqlite_backend"
 SQLITE_OPTIONS = {"timeout": 30, "transaction_mode": "IMMEDIATE",
                   "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
 
@@ -63,5 +65,5 @@ def database_from_url(url: str) -> dict:
                 "PASSWORD": unquote(u.password or ""), "HOST": u.hostname or "", "PORT": str(u.port or ""),
                 "CONN_MAX_AGE": 60}
     if u.scheme == "sqlite":
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": u.path or ":memory:", "OPTIONS": SQLITE_OPTIONS}
+        return {"ENGINE": SQLITE_ENGINE, "NAME": u.path or ":memory:", "OPTIONS": SQLITE_OPTIONS}
     raise ImproperlyConfigured(f"DATABASE_URL scheme {u.scheme!r} is not supported; use postgres:// or sqlite://")

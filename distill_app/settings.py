@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import SQLITE_OPTIONS, database_from_url, envbool, envint, envlist, envstr
+from .env import SQLITE_ENGINE, SQLITE_OPTIONS, database_from_url, envbool, envint, envlist, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DISTILL_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -77,9 +77,9 @@ TEMPLATES = [{
 if envstr("DATABASE_URL"):
     DATABASES = {"default": database_from_url(envstr("DATABASE_URL"))}
 else:
-    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(DATA_DIR / "distill.sqlite3"),
+    DATABASES = {"default": {"ENGINE": SQLITE_ENGINE, "NAME": str(DATA_DIR / "distill.sqlite3"),
                              "OPTIONS": SQLITE_OPTIONS}}
-if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+if DATABASES["default"]["ENGINE"] == SQLITE_ENGINE:
     # A file, not memory, so that the Celery worker of the integration tests sees the same data.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
