@@ -273,9 +273,11 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
 
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
         ckpt = read_checkpoint(checkpoint_path)
-        if "optimizer" not in ckpt and ckpt.get("config") == plain(config.to_dict()):
-            # finished earlier with these very settings (a pipeline run again after it stopped):
-            # its weights and curves stand, and nothing is trained twice
+        if "optimizer" not in ckpt and meta is not None and "inputs" in meta and \
+                ckpt.get("config") == plain(config.to_dict()) and ckpt["meta"] == plain(meta):
+            # finished earlier with these very settings and inputs (the same files, by their
+            # digests: a pipeline run again after it stopped): its weights and curves stand,
+            # and nothing is trained twice
             return _finished(model, ckpt, config, hooks, device)
         if "optimizer" in ckpt and ckpt.get("iteration", 0) < config.iterations:
             model.load_state_dict(ckpt["model"])

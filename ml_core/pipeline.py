@@ -5,6 +5,7 @@ The CLI and the web application's Celery tasks both call these; nothing here kno
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -38,6 +39,17 @@ def _with_annotations(data: CocoData) -> CocoData:
     """Detectron trains only on images that have at least one instance."""
     used = {a["image_id"] for a in data.annotations}
     return CocoData([im for im in data.images if im["id"] in used], data.annotations, data.categories, data.skipped)
+
+
+def _digest(path: str | None) -> str | None:
+    """sha256 of a file the training reads (a checkpoint says what it was trained from)."""
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _median_side(data: CocoData) -> int:
@@ -95,7 +107,9 @@ def train(labeled_json: str, labeled_root: str, out_path: str, *, arch: str, con
     meta = model_meta(arch, labeled.categories, schema, min_size, max_size, role=role, task=task,
                       init=init_desc, init_weights=weights, config=config.to_dict(),
                       student_init=init if role == "student" else None,
-                      data={"labeled_images": len(lab_ds), "pseudo_images": len(pse_ds) if pse_ds else 0})
+                      data={"labeled_images": len(lab_ds), "pseudo_images": len(pse_ds) if pse_ds else 0},
+                      inputs={"labeled": _digest(labeled_json), "pseudo": _digest(pseudo_json),
+                              "teacher": _digest(teacher), "weights": _digest(weights), "validation": _digest(val_json)})
     validate = validator(val_json, val_root, labeled.categories, schema, device) if val_json else None
     return fit(model, lab_ds, config, pseudo=pse_ds, hooks=list(hooks), device=device, checkpoint_path=out_path,
                meta=meta, resume=resume, validate=validate)

@@ -58,6 +58,13 @@ def test_teacher_training_cancel_and_resume(det_data, tmp_path):
                            config=_cfg(), hooks=[again], device="cpu")
     assert again.seen == [] and state.iteration == 6 and len(state.history) == 6 and state.already_trained
     assert all(torch.equal(a, b) for a, b in zip(read_checkpoint(out)["model"].values(), ck["model"].values()))
+    # other training data (a new pseudo-label file, say) with the same settings: trained again
+    other = tmp_path / "labeled_copy.json"
+    other.write_text((det_data / "labeled.json").read_text() + " ")
+    changed = StopAt(-1)
+    pipeline.train(str(other), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny", config=_cfg(),
+                   hooks=[changed], device="cpu")
+    assert changed.seen == list(range(1, 7))
     # other settings at the same path: that is a new run, trained from the start
     longer = StopAt(-1)
     state = pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny",
