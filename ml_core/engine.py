@@ -283,11 +283,7 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            state.iteration = ckpt["iteration"]
-            state.history = ckpt.get("history", [])
-            v = ckpt.get("validation") or {}
-            state.val_history, state.best = v.get("history", []), v.get("best")
-            state.drops, state.eval_every = v.get("drops", 0), v.get("eval_every", 0)
+            _restore(state, ckpt)
             if validation is not None and ckpt.get("best_model") is not None:
                 validation.best_state = ckpt["best_model"]
 
@@ -373,12 +369,20 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
     return state
 
 
+def _restore(state: TrainState, ckpt: dict) -> dict:
+    """Put a checkpoint's progress back into `state` (iteration, loss history, validation curve);
+    returns its validation summary."""
+    v = ckpt.get("validation") or {}
+    state.iteration, state.history = ckpt.get("iteration", 0), ckpt.get("history", [])
+    state.val_history, state.best = v.get("history", []), v.get("best")
+    state.drops, state.eval_every = v.get("drops", 0), v.get("eval_every", 0)
+    return v
+
+
 def _finished(model: torch.nn.Module, ckpt: dict, config: TrainConfig, hooks, device) -> TrainState:
     """The TrainState of a final checkpoint, its weights loaded into `model`; hooks see it end."""
-    v = ckpt.get("validation") or {}
-    state = TrainState(config=config, iteration=ckpt.get("iteration", 0), history=ckpt.get("history", []),
-                       val_history=v.get("history", []), best=v.get("best"), drops=v.get("drops", 0),
-                       stopped=v.get("stopped", ""), eval_every=v.get("eval_every", 0), already_trained=True)
+    state = TrainState(config=config, already_trained=True)
+    state.stopped = _restore(state, ckpt).get("stopped", "")
     state.started = time.time() - (state.history[-1]["time"] if state.history else 0)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -2,8 +2,8 @@
 
 SQLite lets one writer in at a time; the others retry on its busy handler's back-off (sleeps of
 1, 2, 5 ... 100 ms), so under concurrent reviewers a waiting write can sleep through many turns
-and a few take hundreds of milliseconds (measured: 8 writers holding the lock ~3 ms each, p99
-433 ms). Here every write transaction (Django's atomic blocks, which begin IMMEDIATE) first takes a
+and a few take hundreds of milliseconds (measured: 2 processes x 4 threads writing transactions
+that hold the lock ~3 ms each, p99 434 ms). Here every write transaction (Django's atomic blocks, which begin IMMEDIATE) first takes a
 lock of its own: a thread lock within the process, where waiters wake as soon as it is free, and
 an flock on `<database>.write-lock` between processes (web workers, Celery workers), polled every
 millisecond at most. The same case then gives p99 40 ms. Reads never wait (WAL). Both waits give
