@@ -118,9 +118,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="distillation rounds (each student teaches the next)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); the preset's "
                                                    "schedule bounds follow the device (engine.default_iterations)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of this process (default: torch's choice); several seeds run side by side "
+                         "with one thread each get more done on a small CPU than one after another")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: print the tables of the runs already finished under --out")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     p = PRESETS[args.preset]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) / args.preset
