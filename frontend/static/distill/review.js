@@ -337,7 +337,9 @@
 
   function redrawTiles() { for (const t of tiles.values()) drawTile(t); }
 
+  let refilter = null;  // a pending re-query after a threshold change
   function resetGrid() {
+    clearTimeout(refilter);  // this query already has the thresholds in force
     state.gen = (state.gen || 0) + 1;
     state.items = []; state.total = 0; state.loading.clear();
     for (const t of tiles.values()) t.remove();
@@ -349,7 +351,6 @@
   /* ---- thresholds ---- */
   /* Redraw synchronously in the input handler: the statistics over every score and the visible
      overlays take a few milliseconds, and Chromium delivers slider input at most once a frame. */
-  let refilter = null;
   function onThresholdChange() {
     const t0 = performance.now();
     const st = computeStats();
