@@ -12,6 +12,7 @@ from torchvision.models.detection import (FasterRCNN, KeypointRCNN, fasterrcnn_m
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 
+from .roi_align import SmallMapRoIAlign
 from .serialization import safe_load, tensor_dict
 
 
@@ -53,8 +54,7 @@ def _fpn_anchors():
 
 
 def _roi_pool(out: int):
-    from torchvision.ops import MultiScaleRoIAlign
-    return MultiScaleRoIAlign(featmap_names=["0"], output_size=out, sampling_ratio=2)
+    return SmallMapRoIAlign(featmap_names=["0"], output_size=out, sampling_ratio=2)
 
 
 def _build_fasterrcnn_r50(num_classes, num_keypoints, **kw):
@@ -74,14 +74,17 @@ def _build_fasterrcnn_r18(num_classes, num_keypoints, **kw):
 # CPU training step 4x faster, most of it RoIAlign's backward pass. 300 proposals at test time.
 # The single 12x12 map of a 96 px image holds 1,728 anchors; the RPN's NMS over all of them took a
 # third of a training step on the CPU. Its 600 best-scored before NMS: 7.1 against 5.9 steps/s
-# (batch 4, two threads).
+# (batch 4, two threads). RoIAlign pools the small map with matrix products when training
+# (ml_core.roi_align; torchvision's serial CPU backward was a fifth of a step). The box head is
+# torchvision's TwoMLPHead of 1,024 features, now most of a step (its first layer, 2,352 -> 1,024);
+# every figure in the README was measured with it.
 _TINY_HEADS = dict(box_batch_size_per_image=64, rpn_pre_nms_top_n_train=600, rpn_pre_nms_top_n_test=600,
                    rpn_post_nms_top_n_train=500, rpn_post_nms_top_n_test=300)
 
 
 def _build_fasterrcnn_tiny(num_classes, num_keypoints, **kw):
     return FasterRCNN(_TinyBackbone(), num_classes=num_classes, rpn_anchor_generator=_tiny_anchors(),
-                      box_roi_pool=_roi_pool(7), representation_size=256, **{**_TINY_HEADS, **kw})
+                      box_roi_pool=_roi_pool(7), **{**_TINY_HEADS, **kw})
 
 
 def _build_keypointrcnn_r50(num_classes, num_keypoints, **kw):
@@ -100,7 +103,7 @@ def _build_keypointrcnn_tiny(num_classes, num_keypoints, **kw):
                         rpn_anchor_generator=_tiny_anchors(), box_roi_pool=_roi_pool(7),
                         keypoint_roi_pool=_roi_pool(14), keypoint_head=KeypointRCNNHeads(48, (64, 64)),
                         keypoint_predictor=KeypointRCNNPredictor(64, num_keypoints),
-                        representation_size=256, **{**_TINY_HEADS, **kw})
+                        **{**_TINY_HEADS, **kw})
 
 
 ARCHITECTURES: dict[str, Arch] = {a.name: a for a in [
