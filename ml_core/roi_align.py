@@ -13,15 +13,15 @@ stride 8) that is a few small GEMMs, and autograd's backward is two more; torchv
 backward is a serial scatter loop that took a fifth of a training step of `fasterrcnn_tiny`.
 The cost grows with the map's area, so the product form is used only for maps of at most
 `SMALL_MAP` positions on the CPU, and only where a gradient is wanted: at inference torchvision's
-forward (which has no serial scatter) is as fast or faster; everything else goes to torchvision. The values are
-torchvision's (`aligned` both ways, boxes partly or wholly outside the map, degenerate boxes;
+forward (which has no serial scatter) is as fast or faster. Everything else goes to torchvision.
+The values are torchvision's (`aligned` both ways, boxes partly or wholly outside the map, degenerate boxes;
 tested to float rounding), and `benchmarks/roi_align.py` measures the two."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _setup_scales
+from torchvision.ops.poolers import _filter_input, _setup_scales
 
 # the largest map (height * width) that takes the product form; measured in benchmarks/roi_align.py
 SMALL_MAP = 1024
@@ -43,9 +43,8 @@ def axis_weights(start: Tensor, end: Tensor, pooled: int, grid: int, length: int
     inside = ((s >= -1.0) & (s <= length)).to(start.dtype)
     s = s.clamp(min=0.0)
     low = s.floor().long()
-    edge = low >= length - 1
-    low = torch.where(edge, torch.full_like(low, length - 1), low)
-    high = torch.where(edge, low, low + 1)
+    edge = low >= length - 1  # torchvision snaps these samples to the last row or column
+    low, high = low.clamp(max=length - 1), (low + 1).clamp(max=length - 1)
     frac = torch.where(edge, torch.zeros_like(s), s - low.to(s.dtype))
     w = s.new_zeros(*s.shape, length)
     w.scatter_add_(-1, low[..., None], ((1 - frac) * inside)[..., None])
@@ -59,7 +58,7 @@ def roi_align_small(features: Tensor, boxes: list[Tensor], output_size: tuple[in
     boxes: one (R_i, 4) tensor of (x1, y1, x2, y2) in image coordinates per image of the batch."""
     if sampling_ratio <= 0:
         raise ValueError("the product form needs a fixed sampling grid (sampling_ratio > 0)")
-    n, c, height, width = features.shape
+    _, c, height, width = features.shape
     ph, pw = output_size
     out = []
     for k, b in enumerate(boxes):
@@ -75,14 +74,14 @@ def roi_align_small(features: Tensor, boxes: list[Tensor], output_size: tuple[in
         # columns: per RoI, (ph*C, W) @ (W, pw)
         cols = torch.bmm(rows.view(r, ph * c, width), ax.transpose(1, 2))
         out.append(cols.view(r, ph, c, pw).permute(0, 2, 1, 3))
-    return torch.cat(out).contiguous()
+    return torch.cat(out)
 
 
 class SmallMapRoIAlign(MultiScaleRoIAlign):
     """MultiScaleRoIAlign that pools a single small CPU map with `roi_align_small` when training."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        feats = [v for k, v in x.items() if k in self.featmap_names]
+        feats = _filter_input(x, self.featmap_names)
         if (len(feats) == 1 and self.sampling_ratio > 0 and feats[0].device.type == "cpu"
                 and feats[0].requires_grad and torch.is_grad_enabled()
                 and feats[0].shape[-2] * feats[0].shape[-1] <= SMALL_MAP):
