@@ -258,6 +258,7 @@ class ViewDetections:
     valid: torch.Tensor
     keypoints: torch.Tensor | None
     per_scale: list[ScaleFeatures]
+    shown: "ViewDetections | None" = None   # with run(shown=...): each view NMS'd as the model gives it
 
 
 class BatchedViews:
@@ -271,6 +272,12 @@ class BatchedViews:
         self.channels_last = channels_last
         self.backbone = inference_backbone(model.backbone, fold=fold_bn, channels_last=channels_last)
         self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
+        # the keypoint head's eight 3x3 convolutions on every RoI: in channels_last on CUDA too (in
+        # NCHW, cuDNN's fp16 kernels convert every layer's input and output to NHWC and back)
+        rh = model.roi_heads
+        self.keypoint_head, self.keypoint_predictor = (rh.keypoint_head, rh.keypoint_predictor) \
+            if not (self.keypoints and channels_last) else \
+            (copy.deepcopy(m).eval().to(memory_format=torch.channels_last) for m in (rh.keypoint_head, rh.keypoint_predictor))
 
     # ---- stage 1: one scale through transform, backbone and the RPN's candidate selection
     def _scale_forward(self, batch: list[torch.Tensor], scale: int, max_size: int, stop_after: str | None):
@@ -335,9 +342,12 @@ class BatchedViews:
         return props.masked_fill(~ok[..., None], 0.0), ok
 
     # ---- stage 2: the box head for every view
-    def _detections(self, logits, regression, proposals, prop_valid, image_sizes):
-        """torchvision's postprocess_detections for all views at once -> [V, D] padded."""
+    def _detections(self, logits, regression, proposals, prop_valid, image_sizes,
+                    nms_thresh: float | None = None, detections_per_img: int | None = None):
+        """torchvision's postprocess_detections for all views at once -> [V, D] padded (with the
+        heads' nms_thresh and detections_per_img unless given)."""
         rh = self.model.roi_heads
+        nms_thresh = rh.nms_thresh if nms_thresh is None else nms_thresh
         V, N = prop_valid.shape
         C = logits.shape[-1]
         boxes = rh.box_coder.decode_single(regression.float(), proposals.reshape(-1, 4)).reshape(V, N, C, 4)
@@ -350,8 +360,8 @@ class BatchedViews:
         G = V * (C - 1)
         s, v, order, (b,) = _sort_groups(scores.transpose(1, 2).reshape(G, N), valid.transpose(1, 2).reshape(G, N),
                                          boxes.transpose(1, 2).reshape(G, N, 4))
-        D = rh.detections_per_img
-        keep = _top_nms(b, v, rh.nms_thresh, D, V)
+        D = rh.detections_per_img if detections_per_img is None else detections_per_img
+        keep = _top_nms(b, v, nms_thresh, D, V)
         # rank each view's kept boxes in torchvision's (proposal, class) order, stable for ties
         s = s.masked_fill(~keep, float("-inf")).reshape(V, C - 1, N)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand_as(order))
@@ -374,15 +384,27 @@ class BatchedViews:
 
     def keypoint_logits(self, feats, boxes: list[torch.Tensor], image_sizes) -> torch.Tensor:
         """The keypoint head of one scale on the given boxes (one tensor per image of the batch)."""
-        rh = self.model.roi_heads
-        x = rh.keypoint_roi_pool(feats, boxes, image_sizes)
-        return rh.keypoint_predictor(rh.keypoint_head(x))
+        x = self.model.roi_heads.keypoint_roi_pool(feats, boxes, image_sizes)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        kp = self.keypoint_predictor
+        x = kp.kps_score_lowres(self.keypoint_head(x))
+        # KeypointRCNNPredictor's bilinear upsampling, in the logits' own precision (under autocast
+        # it ran in fp32: about a tenth of the keypoint model's device time in a group, on an H100)
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.interpolate(x, scale_factor=float(kp.up_scale), mode="bilinear",
+                                             align_corners=False, recompute_scale_factor=False)
 
     @torch.inference_mode()
     def run(self, images: list[torch.Tensor], scales: list[int], flip: bool, max_size: int,
-            flip_inds: list[int] | None = None, autocast=None, stop_after: str | None = None) -> ViewDetections | None:
+            flip_inds: list[int] | None = None, autocast=None, stop_after: str | None = None,
+            shown: tuple[float, int] | None = None) -> ViewDetections | None:
         """Every view of every image. stop_after ('transform', 'backbone', 'rpn', 'roi_heads') ends
-        early, for timing the stages; the result is then None."""
+        early, for timing the stages; the result is then None.
+
+        shown=(nms_thresh, detections_per_img): also each view as the model gives it with these
+        settings, from the same box-head outputs (result.shown, boxes only). For the pre-NMS union:
+        the heads' own settings then say nms_thresh >= 1 (no NMS) and the union's depth per view."""
         autocast = autocast or contextlib.nullcontext
         n = len(images)
         batch = images + ([im.flip(-1) for im in images] if flip else [])
@@ -414,8 +436,11 @@ class BatchedViews:
                 logits.append(lg)
                 regression.append(rg)
         sizes = torch.tensor([hw for sf in per_scale for hw in sf.image_sizes], device=dev, dtype=torch.float32)
-        boxes, scores, labels, valid = self._detections(torch.cat(logits), torch.cat(regression), proposals,
-                                                        prop_valid, sizes)
+        logits, regression = torch.cat(logits), torch.cat(regression)
+        boxes, scores, labels, valid = self._detections(logits, regression, proposals, prop_valid, sizes)
+        second = None
+        if shown is not None:
+            second = self._detections(logits, regression, proposals, prop_valid, sizes, *shown)
         keypoints = None
         if self.keypoints:
             keypoints = self._view_keypoints(per_scale, boxes, valid, m, autocast)
@@ -424,12 +449,15 @@ class BatchedViews:
         # back to the original images: resize (as transform.postprocess), then un-flip
         orig = torch.tensor([tuple(im.shape[-2:]) for im in batch] * len(per_scale), device=dev, dtype=torch.float32)
         ratio = orig / sizes                                                    # [V, 2] (h, w)
-        boxes = boxes * ratio[:, None, [1, 0, 1, 0]]
         flipped = torch.tensor(([False] * n + [True] * (m - n)) * len(per_scale), device=dev)
         W = orig[:, 1, None]
-        fb = boxes.clone()
-        fb[..., 0], fb[..., 2] = W - boxes[..., 2], W - boxes[..., 0]
-        boxes = torch.where(flipped[:, None, None], fb, boxes)
+
+        def to_original(b):
+            b = b * ratio[:, None, [1, 0, 1, 0]]
+            fb = b.clone()
+            fb[..., 0], fb[..., 2] = W - b[..., 2], W - b[..., 0]
+            return torch.where(flipped[:, None, None], fb, b)
+        boxes = to_original(boxes)
         if keypoints is not None:
             keypoints = keypoints.clone()
             keypoints[..., 0] *= ratio[:, None, None, 1]
@@ -438,7 +466,9 @@ class BatchedViews:
                 fk = keypoints[:, :, flip_inds].clone()
                 fk[..., 0] = W[:, :, None] - fk[..., 0]
                 keypoints = torch.where(flipped[:, None, None, None], fk, keypoints)
-        return ViewDetections(boxes, scores, labels, valid, keypoints, per_scale)
+        if second is not None:
+            second = ViewDetections(to_original(second[0]), *second[1:], None, per_scale)
+        return ViewDetections(boxes, scores, labels, valid, keypoints, per_scale, second)
 
     def _view_keypoints(self, per_scale, boxes, valid, m: int, autocast):
         """The keypoint head of each view on its own detections (torchvision's roi_heads does this
@@ -472,6 +502,8 @@ def _top_nms(boxes, valid, iou_thresh: float, need: int, views: int) -> torch.Te
     the first `depth` ranks; a group whose prefix keeps >= need boxes, or holds all its valid boxes,
     is exact there (ranks below cannot enter its top `need`). Otherwise the full depth is used."""
     G, M = valid.shape
+    if iou_thresh >= 1.0:       # IoU > 1 never happens: nothing is suppressed (the pre-NMS union)
+        return valid.clone()
     depth = min(M, max(4 * need, 256))
     if depth < M:
         keep = padded_nms(boxes[:, :depth], valid[:, :depth], iou_thresh)

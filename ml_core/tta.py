@@ -192,11 +192,13 @@ class MultiTransformPredictor:
             # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
             rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view
         try:
-            results = self._predict_fast(images) if self.fast else self._predict_plain(images)
+            with self._cudnn_autotune():
+                results = self._predict_fast(images, heads if pre_nms else None) if self.fast \
+                    else self._predict_plain(images)
         finally:
             t.min_size, t.max_size = own
             rh.nms_thresh, rh.detections_per_img = heads
-        if pre_nms:
+        if pre_nms and not self.fast:   # the fast path NMS'd the views on the device already
             for r in results:
                 self._nms_views(r, *heads)
         return results
@@ -268,11 +270,29 @@ class MultiTransformPredictor:
             kps, _ = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
             r.ensembled.keypoints = kps
 
-    def _predict_fast(self, images: list[torch.Tensor]) -> list[ImagePrediction]:
-        """predict() through BatchedViews: all views padded on the device until the end of the group."""
+    @contextlib.contextmanager
+    def _cudnn_autotune(self):
+        """cudnn.benchmark while the views run on CUDA: a group has a few fixed input shapes (one per
+        scale), so each gets its convolution algorithms chosen by timing once, at the first group.
+        Process-wide in torch, so set only for the call (training's varying shapes would re-tune).
+        Measured by benchmarks/gpu_suite.py (steps 1-2, cudnn_benchmark)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+
+    def _predict_fast(self, images: list[torch.Tensor], shown: tuple[float, int] | None = None) -> list[ImagePrediction]:
+        """predict() through BatchedViews: all views padded on the device until the end of the group.
+        shown=(nms_thresh, detections_per_img) for the pre-NMS union: the union is ensembled, the
+        views are kept NMS'd with these settings (what the compare view shows, agreement measures)."""
         ts, o = self.transforms, self.options
         n = len(images)
-        det = self.batched.run(images, ts.scales, ts.flip, ts.max_size, self.flip_inds, self._autocast)
+        det = self.batched.run(images, ts.scales, ts.flip, ts.max_size, self.flip_inds, self._autocast, shown=shown)
         views = ts.views                                   # scale-major, plain before flipped: det's order
         V, D = len(views), det.valid.shape[1]
 
@@ -284,6 +304,9 @@ class MultiTransformPredictor:
         sel = vv.reshape(n, V * D)
         merged = ensemble.ensemble_boxes_flat(vb.reshape(n, V * D, 4)[sel], vs.reshape(n, V * D)[sel],
                                               vl.reshape(n, V * D)[sel], img[sel], n, num_views=V, **o.box_kwargs())
+        if det.shown is not None:
+            d = det.shown
+            vb, vs, vl, vv = by_image(d.boxes), by_image(d.scores), by_image(d.labels), by_image(d.valid)
         E = max((len(b) for b, _, _ in merged), default=0)
         eb = torch.stack([torch.nn.functional.pad(b, (0, 0, 0, E - len(b))) for b, _, _ in merged])
         el = torch.stack([torch.nn.functional.pad(lab, (0, E - len(lab))) for _, _, lab in merged])

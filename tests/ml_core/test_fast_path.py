@@ -182,3 +182,38 @@ def test_folded_backbone_gives_the_same_features():
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4)
     assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.backbone.modules())  # the model is untouched
+
+
+def test_gpu_layout_keypoint_views_equal_the_plain_fast_path():
+    """The CUDA configuration (folded backbone, channels_last backbone and keypoint head copies, the
+    upsampling outside autocast) on the CPU: the same views as the fast path without it."""
+    m = _model("keypointrcnn_tiny", nk=5, classes=2)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    a = fast_rcnn.BatchedViews(m).run(images, [48, 64], True, 200, FLIP5)
+    gpu_like = fast_rcnn.BatchedViews(m, fold_bn=True, channels_last=True)
+    assert gpu_like.keypoint_head is not m.roi_heads.keypoint_head          # a copy; the model is untouched
+    b = gpu_like.run(images, [48, 64], True, 200, FLIP5)
+    assert torch.equal(a.valid, b.valid)
+    assert torch.allclose(a.boxes, b.boxes, atol=1e-3) and torch.allclose(a.scores, b.scores, atol=1e-4)
+    assert torch.allclose(a.keypoints[a.valid], b.keypoints[b.valid], atol=1e-2)
+
+
+def test_pre_nms_union_views_come_back_nmsed_from_the_fast_path():
+    """With shown=(nms_thresh, per_view) the fast path returns the union (no NMS) and, beside it,
+    each view as the model's own settings give it: the same as torchvision's forward."""
+    m = _model("fasterrcnn_tiny", classes=4)
+    images = [torch.rand(3, 60, 90)]
+    rh = m.roi_heads
+    heads = rh.nms_thresh, rh.detections_per_img
+    ref = _torchvision_views(m, images, [48, 64], True, None)
+    rh.nms_thresh, rh.detections_per_img = 1.0, 1000
+    try:
+        det = fast_rcnn.BatchedViews(m).run(images, [48, 64], True, 200, shown=heads)
+    finally:
+        rh.nms_thresh, rh.detections_per_img = heads
+    assert det.shown is not None and det.valid.sum() > det.shown.valid.sum()
+    for v, (b, s, lab, _) in enumerate(ref):
+        n = int(det.shown.valid[v].sum())
+        assert n == len(b)
+        assert _matched(b, s, lab, det.shown.boxes[v, :n], det.shown.scores[v, :n], det.shown.labels[v, :n]) \
+            >= MIN_MATCHED

@@ -40,6 +40,11 @@ def test_smoke_runs_every_step_with_figures_and_no_error(tmp_path):
         assert f["views_per_image"] == 8 and f["backbone_only_images_per_s"] > 0
         assert set(f["time_split"]["ms_per_image"]) == {"transform", "backbone", "rpn", "roi_heads", "ensembling_and_rest"}
         assert f["ml_core_tta_fp32"]["images_per_s"] > 0
+        assert f["hand_loop_cudnn_benchmark"]["images_per_s"] > 0
+        assert f["baseline_images_per_s"] >= f["hand_loop"]["images_per_s"]
+        assert f["profile"]["top"] and all(r["self_ms"] >= 0 for r in f["profile"]["top"])
+    f = report["steps"]["tta_fasterrcnn"]["figures"]
+    assert f["ml_core_tta"]["union"] == "pre_nms" and f["ml_core_tta_post_nms_union"]["images_per_s"] > 0
     ips = report["steps"]["box_ensembling"]["figures"]["images_per_second"]
     assert ips["distill nms+vote, padded batch"] > 0 and ips["distill nms+vote"] > 0
     f = report["steps"]["train_pipeline"]["figures"]
