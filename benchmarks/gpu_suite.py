@@ -651,6 +651,20 @@ def step_tta(ctx: StepContext, p: dict):
         ctx.log(f"ml_core.tta with the NMS'd views' union {r['images_per_s']} images/s, x{r['speedup']}")
         ctx.save()
 
+    # the keypoint head as the model has it (NCHW) instead of the fast path's channels_last copy
+    if nk and (ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 16)):
+        alt = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True)
+        b = alt.batched
+        b.keypoint_head, b.keypoint_predictor = model.roi_heads.keypoint_head, model.roi_heads.keypoint_predictor
+        b.keypoint_channels_last = False
+        alt.predict([load_image(x) for x in paths[:group]])
+        r = _time_tta(ctx, alt, paths[:p["tta_images"]], group, p["workers"], min(ctx.cap(0.12), ctx.left() / 3))
+        r["keypoint_head"] = "NCHW (the model's own)"
+        r["speedup"] = _r(r["images_per_s"] / base, 2)
+        fig["ml_core_tta_keypoint_head_nchw"] = r
+        ctx.log(f"ml_core.tta with the keypoint head in NCHW {r['images_per_s']} images/s, x{r['speedup']}")
+        ctx.save()
+
     # the same batching in fp32: what batching alone buys (on the CPU, where there is no fp16 path,
     # the smoke test runs it only to exercise the code)
     if ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 8):

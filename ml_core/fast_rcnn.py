@@ -106,6 +106,20 @@ def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool) 
     return b
 
 
+@contextlib.contextmanager
+def _cudnn_autotuned(enabled: bool):
+    """cudnn.benchmark for the backbone and the RPN head on CUDA: one input shape per scale, so each
+    gets its convolution algorithms chosen by timing once, at the first group. Not for the RoI
+    heads: their batch is the number of boxes, new at every call, and re-tuning each (measured on
+    an H100, keypoint head) made the keypoint model 4x slower. Process-wide in torch, so restored."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 # --- NMS over a padded batch of groups ------------------------------------------------------------
 
 def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -275,8 +289,9 @@ class BatchedViews:
         # the keypoint head's eight 3x3 convolutions on every RoI: in channels_last on CUDA too (in
         # NCHW, cuDNN's fp16 kernels convert every layer's input and output to NHWC and back)
         rh = model.roi_heads
+        self.keypoint_channels_last = self.keypoints and channels_last
         self.keypoint_head, self.keypoint_predictor = (rh.keypoint_head, rh.keypoint_predictor) \
-            if not (self.keypoints and channels_last) else \
+            if not self.keypoint_channels_last else \
             (copy.deepcopy(m).eval().to(memory_format=torch.channels_last) for m in (rh.keypoint_head, rh.keypoint_predictor))
 
     # ---- stage 1: one scale through transform, backbone and the RPN's candidate selection
@@ -289,10 +304,11 @@ class BatchedViews:
         x = image_list.tensors
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.backbone(x)
-        if stop_after == "backbone":
-            return None
-        return image_list, feats, self._rpn_candidates(image_list, feats)
+        with _cudnn_autotuned(x.is_cuda):
+            feats = self.backbone(x)
+            if stop_after == "backbone":
+                return None
+            return image_list, feats, self._rpn_candidates(image_list, feats)
 
     def _rpn_candidates(self, image_list, feats):
         """Per image and pyramid level, the top pre_nms_top_n anchors by objectness, decoded, clipped,
@@ -385,7 +401,7 @@ class BatchedViews:
     def keypoint_logits(self, feats, boxes: list[torch.Tensor], image_sizes) -> torch.Tensor:
         """The keypoint head of one scale on the given boxes (one tensor per image of the batch)."""
         x = self.model.roi_heads.keypoint_roi_pool(feats, boxes, image_sizes)
-        if self.channels_last:
+        if self.keypoint_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         kp = self.keypoint_predictor
         x = kp.kps_score_lowres(self.keypoint_head(x))

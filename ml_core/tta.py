@@ -192,9 +192,8 @@ class MultiTransformPredictor:
             # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
             rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view
         try:
-            with self._cudnn_autotune():
-                results = self._predict_fast(images, heads if pre_nms else None) if self.fast \
-                    else self._predict_plain(images)
+            results = self._predict_fast(images, heads if pre_nms else None) if self.fast \
+                else self._predict_plain(images)
         finally:
             t.min_size, t.max_size = own
             rh.nms_thresh, rh.detections_per_img = heads
@@ -269,22 +268,6 @@ class MultiTransformPredictor:
             maps = ensemble.ensemble_heatmaps(heat[i], flips[i], self.flip_inds, o.heatmap_method, keep)
             kps, _ = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
             r.ensembled.keypoints = kps
-
-    @contextlib.contextmanager
-    def _cudnn_autotune(self):
-        """cudnn.benchmark while the views run on CUDA: a group has a few fixed input shapes (one per
-        scale), so each gets its convolution algorithms chosen by timing once, at the first group.
-        Process-wide in torch, so set only for the call (training's varying shapes would re-tune).
-        Measured by benchmarks/gpu_suite.py (steps 1-2, cudnn_benchmark)."""
-        if self.device.type != "cuda":
-            yield
-            return
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.benchmark = before
 
     def _predict_fast(self, images: list[torch.Tensor], shown: tuple[float, int] | None = None) -> list[ImagePrediction]:
         """predict() through BatchedViews: all views padded on the device until the end of the group.
