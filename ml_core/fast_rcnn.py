@@ -111,7 +111,7 @@ def _cudnn_autotuned(enabled: bool):
     """cudnn.benchmark for the backbone and the RPN head on CUDA: one input shape per scale, so each
     gets its convolution algorithms chosen by timing once, at the first group. Not for the RoI
     heads: their batch is the number of boxes, new at every call, and re-tuning each (measured on
-    an H100, keypoint head) made the keypoint model 4x slower. Process-wide in torch, so restored."""
+    an H100, keypoint head) made the keypoint model 5x slower. Process-wide in torch, so restored."""
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = enabled or before
     try:
