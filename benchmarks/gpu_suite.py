@@ -597,6 +597,24 @@ def step_tta(ctx: StepContext, p: dict):
     ctx.log(f"ml_core.tta {ours['images_per_s']} images/s over {ours['images']} images, x{fig['speedup']}")
     ctx.save()
 
+    # the same with the backbone compiled (torch.compile, one graph per scale): compile time measured
+    if (ctx.suite.args.compile and (ctx.suite.args.smoke or device.type == "cuda")) and ctx.left() > 30:
+        comp = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True,
+                                       compile_backbone=True)
+        ctx.sync()
+        t0 = time.perf_counter()
+        comp.predict([load_image(x) for x in paths[:group]])   # compiles every scale's shape
+        ctx.sync()
+        compile_s = time.perf_counter() - t0
+        r = _time_tta(ctx, comp, paths[:p["tta_images"]], group, p["workers"], min(ctx.cap(0.15), ctx.left() / 3))
+        r.update(torch_compile="backbone, inductor, static shapes", compile_and_first_group_s=_r(compile_s),
+                 speedup=_r(r["images_per_s"] / base, 2))
+        fig["ml_core_tta_compiled_backbone"] = r
+        ctx.summary(ctx.rec["summary"] + f" | compiled backbone {r['images_per_s']:.2f} img/s x{r['speedup']}")
+        ctx.log(f"ml_core.tta with the backbone compiled {r['images_per_s']} images/s, x{r['speedup']} "
+                f"(compile and first group {compile_s:.1f} s)")
+        ctx.save()
+
     # where the time goes: one group in memory, the views through the first stages only
     images = [load_image(x).to(device) for x in paths[:group]]
     split, stage_cap = {}, ctx.cap(0.2) / 5
@@ -913,6 +931,8 @@ def parse_args(argv=None):
                     help="which steps, by number or name, comma-separated (default all)")
     ap.add_argument("--device", default=None, help="default cuda when available (cpu with --smoke)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --smoke)")
+    ap.add_argument("--compile", action="store_true",
+                    help="steps 1-2 also time ml_core.tta with the backbone torch.compile'd (compile time reported)")
     args = ap.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 110.0 if args.smoke else 420.0
@@ -943,6 +963,9 @@ def main(argv=None):
         except Exception as e:
             cuda_error = f"{type(e).__name__}: {e}"
     presets = copy.deepcopy(SMOKE if args.smoke else GPU)
+    if args.compile:  # room for compiling the backbone at every scale (about 45 s for R50-FPN on an H100)
+        for name in ("tta_fasterrcnn", "tta_keypointrcnn"):
+            presets[name]["budget_s"] += 30 if args.smoke else 60
     suite = Suite(args, presets, device)
     if cuda_error:
         suite.report["environment"]["cuda_init_error"] = cuda_error

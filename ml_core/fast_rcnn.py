@@ -281,10 +281,19 @@ class BatchedViews:
     The model's own modules do the work; this class only replaces the glue between them (see the
     module docstring for what differs from torchvision and why)."""
 
-    def __init__(self, model: nn.Module, *, fold_bn: bool = False, channels_last: bool = False):
+    def __init__(self, model: nn.Module, *, fold_bn: bool = False, channels_last: bool = False,
+                 compile_backbone: bool = False):
         self.model = model
         self.channels_last = channels_last
         self.backbone = inference_backbone(model.backbone, fold=fold_bn, channels_last=channels_last)
+        if compile_backbone:
+            # torch.compile (inductor), one graph per input shape: each new shape compiles on first
+            # use (seconds to tens of seconds), so this pays off for many images of few sizes
+            # (benchmarks/backbone_compile.py). After torch._dynamo's cache limit of shapes it
+            # runs eagerly.
+            if self.backbone is model.backbone:
+                self.backbone = copy.deepcopy(model.backbone).eval()
+            self.backbone = torch.compile(self.backbone, dynamic=False)
         self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
         # the keypoint head's eight 3x3 convolutions on every RoI: in channels_last on CUDA too (in
         # NCHW, cuDNN's fp16 kernels convert every layer's input and output to NHWC and back)

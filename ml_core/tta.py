@@ -131,7 +131,7 @@ class MultiTransformPredictor:
 
     def __init__(self, model: torch.nn.Module, transforms: TransformSet, *, flip_inds: list[int] | None = None,
                  options: EnsembleOptions | None = None, device: str | torch.device = "cpu", amp: bool = True,
-                 fast: bool | None = None):
+                 fast: bool | None = None, compile_backbone: bool = False):
         self.model = model.to(device).eval()
         self.transforms = transforms
         self.options = options or EnsembleOptions()
@@ -153,7 +153,9 @@ class MultiTransformPredictor:
         cuda = self.device.type == "cuda"
         self.fast = cuda if fast is None else fast
         # on CUDA the fast path's backbone is a copy with batch norms folded, in channels_last
-        self.batched = BatchedViews(self.model, fold_bn=cuda, channels_last=cuda) if self.fast else None
+        # compile_backbone: torch.compile the fast path's backbone (one compile per input shape)
+        self.batched = BatchedViews(self.model, fold_bn=cuda, channels_last=cuda,
+                                    compile_backbone=compile_backbone) if self.fast else None
 
     def _autocast(self):
         if self.amp:
