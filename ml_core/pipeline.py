@@ -136,13 +136,14 @@ def validator(val_json: str, val_root: str, categories: list[dict], schema: Keyp
 
 
 def predictor_for(checkpoint: str, transforms: TransformSet, options: EnsembleOptions | None = None,
-                  device: str | None = None, amp: bool = True):
+                  device: str | None = None, amp: bool = True, compile_backbone: bool = False):
     device = device or default_device()
     model, meta = load_model(checkpoint, device)
     schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
     flip_inds = schema.flip_indices() if (schema and transforms.flip) else None
     model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, (options or EnsembleOptions()).score_thresh)
-    return MultiTransformPredictor(model, transforms, flip_inds=flip_inds, options=options, device=device, amp=amp), meta
+    return MultiTransformPredictor(model, transforms, flip_inds=flip_inds, options=options, device=device, amp=amp,
+                                   compile_backbone=compile_backbone), meta
 
 
 def _with_categories(items: list[dict], categories: list[dict]) -> list[dict]:
@@ -153,14 +154,14 @@ def _with_categories(items: list[dict], categories: list[dict]) -> list[dict]:
 
 def infer(checkpoint: str, image_paths: list[str], *, transforms: TransformSet, options: EnsembleOptions | None = None,
           device: str | None = None, group_size: int = 4, num_workers: int = 2, progress: ProgressFn | None = None,
-          predictor=None):
+          predictor=None, compile_backbone: bool = False):
     """Multi-transform inference over files. Yields (index, prediction json | None, error | None).
 
     A prediction json holds 'ensembled' and 'views' (each a list of instances with bbox, score,
     label, category_id and keypoints for keypoint models) and the 'agreement' between views.
     """
     if predictor is None:
-        predictor, meta = predictor_for(checkpoint, transforms, options, device)
+        predictor, meta = predictor_for(checkpoint, transforms, options, device, compile_backbone=compile_backbone)
     else:
         meta = read_checkpoint(checkpoint)["meta"]
     cats = meta["categories"]

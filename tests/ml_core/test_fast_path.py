@@ -217,3 +217,22 @@ def test_pre_nms_union_views_come_back_nmsed_from_the_fast_path():
         assert n == len(b)
         assert _matched(b, s, lab, det.shown.boxes[v, :n], det.shown.scores[v, :n], det.shown.labels[v, :n]) \
             >= MIN_MATCHED
+
+
+def test_compiled_backbone_gives_the_same_predictions():
+    """compile_backbone=True (torch.compile, inductor) on the CPU: the same views and ensemble as
+    the eager fast path; the model's own backbone is left eager."""
+    m = _model("fasterrcnn_tiny", classes=3)
+    images = [torch.rand(3, 64, 80)]
+    ts = TransformSet([48, 64], flip=True, max_size=200)
+    eager = MultiTransformPredictor(m, ts, fast=True).predict(images)[0]
+    compiled = MultiTransformPredictor(m, ts, fast=True, compile_backbone=True)
+    assert compiled.batched.backbone is not m.backbone and not hasattr(m.backbone, "_orig_mod")
+    got = compiled.predict(images)[0]
+    for name in eager.views:
+        x, y = eager.views[name], got.views[name]
+        assert len(x.boxes) == len(y.boxes)
+        assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels) >= MIN_MATCHED, name
+    x, y = eager.ensembled, got.ensembled
+    assert len(x.boxes) == len(y.boxes) > 0
+    assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels) >= MIN_MATCHED
