@@ -124,8 +124,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: the preset's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    if args.workers is not None:
+        p["workers"] = args.workers
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"preset": args.preset, **measure(p, device)}
     name, pipeline_rate, memory_rate = report["device"], report["pipeline_images_per_s"], report["in_memory_images_per_s"]

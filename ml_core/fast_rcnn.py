@@ -21,7 +21,11 @@ torchvision path) but is organised for a GPU:
   synchronisations per box); this one builds the same bicubic weights as matrices and resizes a
   chunk of RoIs with two batched matmuls.
 * On CUDA the backbone runs on a copy of itself with batch norms folded into the convolutions and
-  in channels_last memory format (`inference_backbone`); on the CPU the model's own backbone runs.
+  in channels_last memory format (`inference_backbone`), with cudnn.benchmark for its fixed shapes
+  and optionally torch.compile'd; the keypoint head runs on a channels_last copy; on the CPU the
+  model's own modules run.
+* A pre-NMS union (`run(shown=...)`) post-processes the box head's outputs twice: without NMS for
+  the union, with the model's own NMS for the views shown.
 
 What is not batched: the backbone, the RPN head and RoI pooling run once per scale (the feature
 maps of different scales have different sizes); the box head and predictor run per scale too
