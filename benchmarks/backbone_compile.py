@@ -114,6 +114,9 @@ def main(argv=None):
         a, b = out[0][0], out[1][0]
         report["max_abs_difference_first_scale"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
         print(f"compiled: {report['compiled']['images_per_s']} images/s (x{report['compiled']['speedup']})", flush=True)
+    elif not done:
+        report["compiled"] = None
+        print("nothing compiled within the budget", flush=True)
     else:
         # the scales compiled so far, eager against compiled
         e, c = _time(eager, done, p["reps"], device), _time(comp, done, p["reps"], device)

@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--device", default=None)
     s.add_argument("--compile-backbone", action="store_true",
-                   help="torch.compile the backbone (fast path): x2.1 on the backbone of R50-FPN on an H100, "
-                        "after 8-15 s of compiling per input shape; for many images of few sizes")
+                   help="CUDA: torch.compile the backbone: x2.1 on the backbone of R50-FPN on an H100, after "
+                        "8-15 s of compiling per input shape; for many images of few sizes")
     s.add_argument("--out", required=True, help="COCO results JSON of the ensembled predictions")
     s.add_argument("--views-out", help="also write every single view's predictions here")
     s.set_defaults(func=cmd_infer)

@@ -21,8 +21,8 @@ torchvision path) but is organised for a GPU:
   synchronisations per box); this one builds the same bicubic weights as matrices and resizes a
   chunk of RoIs with two batched matmuls.
 * On CUDA the backbone runs on a copy of itself with batch norms folded into the convolutions and
-  in channels_last memory format (`inference_backbone`), with cudnn.benchmark for its fixed shapes
-  and optionally torch.compile'd; the keypoint head runs on a channels_last copy; on the CPU the
+  in channels_last memory format (`inference_backbone`), with cudnn.benchmark (`_cudnn_autotuned`)
+  and optionally torch.compile'd (both pay per new input shape); the keypoint head runs on a channels_last copy; on the CPU the
   model's own modules run.
 * A pre-NMS union (`run(shown=...)`) post-processes the box head's outputs twice: without NMS for
   the union, with the model's own NMS for the views shown.
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from .ensemble import batched_iou
@@ -112,10 +113,12 @@ def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool) 
 
 @contextlib.contextmanager
 def _cudnn_autotuned(enabled: bool):
-    """cudnn.benchmark for the backbone and the RPN head on CUDA: one input shape per scale, so each
-    gets its convolution algorithms chosen by timing once, at the first group. Not for the RoI
-    heads: their batch is the number of boxes, new at every call, and re-tuning each (measured on
-    an H100, keypoint head) made the keypoint model 5x slower. Process-wide in torch, so restored."""
+    """cudnn.benchmark for the backbone and the RPN head on CUDA: their input is a scale's padded
+    batch, one shape per scale when a group's images share a size (else one per new padded size),
+    so each shape gets its convolution algorithms chosen by timing once. Not for the RoI heads:
+    their batch is the number of boxes, new at every call, and re-tuning each (measured on an H100,
+    keypoint head) made the keypoint model 5x slower. The flag is process-wide in torch: set and
+    restored here, for inference from one thread per process (as the workers and the CLI run it)."""
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = enabled or before
     try:
@@ -417,6 +420,8 @@ class BatchedViews:
         if self.keypoint_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         kp = self.keypoint_predictor
+        if not isinstance(kp, KeypointRCNNPredictor):       # a predictor of its own: as it is
+            return kp(self.keypoint_head(x))
         x = kp.kps_score_lowres(self.keypoint_head(x))
         # KeypointRCNNPredictor's bilinear upsampling, in the logits' own precision (under autocast
         # it ran in fp32: about a tenth of the keypoint model's device time in a group, on an H100)
@@ -434,6 +439,9 @@ class BatchedViews:
         shown=(nms_thresh, detections_per_img): also each view as the model gives it with these
         settings, from the same box-head outputs (result.shown, boxes only). For the pre-NMS union:
         the heads' own settings then say nms_thresh >= 1 (no NMS) and the union's depth per view."""
+        if shown is not None and self.keypoints:
+            raise ValueError("shown views are for the pre-NMS union of box models; a keypoint model's "
+                             "keypoint head would run on every union box")
         autocast = autocast or contextlib.nullcontext
         n = len(images)
         batch = images + ([im.flip(-1) for im in images] if flip else [])

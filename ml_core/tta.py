@@ -152,6 +152,8 @@ class MultiTransformPredictor:
         self.base_scale = int(model.transform.min_size[-1])
         cuda = self.device.type == "cuda"
         self.fast = cuda if fast is None else fast
+        if compile_backbone and not self.fast:
+            raise ValueError("compiling the backbone needs the fast path (fast=True; the default on CUDA)")
         # on CUDA the fast path's backbone is a copy with batch norms folded, in channels_last
         # compile_backbone: torch.compile the fast path's backbone (one compile per input shape)
         self.batched = BatchedViews(self.model, fold_bn=cuda, channels_last=cuda,
@@ -162,8 +164,12 @@ class MultiTransformPredictor:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _forward(self, images: list[torch.Tensor], scale: int):
-        """One batched forward pass at one scale; predictions mapped back to each input's size."""
+    def _forward(self, images: list[torch.Tensor], scale: int, shown: tuple[float, int] | None = None):
+        """One batched forward pass at one scale; predictions mapped back to each input's size.
+
+        shown=(nms_thresh, detections_per_img): the box head's outputs are post-processed twice,
+        with the heads' current settings (the pre-NMS union) and with these (each view as the model
+        gives it); returns (dets, shown_dets, feats, image_sizes), shown_dets None without it."""
         t = self.model.transform
         t.min_size, t.max_size = (scale,), self.transforms.max_size
         sizes = [tuple(im.shape[-2:]) for im in images]
@@ -171,9 +177,31 @@ class MultiTransformPredictor:
             image_list, _ = t(images)
             feats = self.model.backbone(image_list.tensors)
             proposals, _ = self.model.rpn(image_list, feats)
-            dets, _ = self.model.roi_heads(feats, proposals, image_list.image_sizes)
+            if shown is None:
+                dets, _ = self.model.roi_heads(feats, proposals, image_list.image_sizes)
+                shown_dets = None
+            else:
+                dets, shown_dets = self._two_postprocessings(feats, proposals, image_list.image_sizes, shown)
         dets = t.postprocess(dets, image_list.image_sizes, sizes)
-        return dets, feats, image_list.image_sizes
+        if shown_dets is not None:
+            shown_dets = t.postprocess(shown_dets, image_list.image_sizes, sizes)
+        return dets, shown_dets, feats, image_list.image_sizes
+
+    def _two_postprocessings(self, feats, proposals, image_sizes, shown: tuple[float, int]):
+        """torchvision's RoIHeads forward (box models, eval) with its post-processing run twice on
+        the same box-head outputs: the heads' settings, then `shown`'s."""
+        rh = self.model.roi_heads
+        x = rh.box_head(rh.box_roi_pool(feats, proposals, image_sizes))
+        logits, regression = rh.box_predictor(x)
+        out, own = [], (rh.nms_thresh, rh.detections_per_img)
+        try:
+            for nms_thresh, per_view in (own, shown):
+                rh.nms_thresh, rh.detections_per_img = nms_thresh, per_view
+                b, s, lab = rh.postprocess_detections(logits, regression, proposals, image_sizes)
+                out.append([{"boxes": bi, "scores": si, "labels": li} for bi, si, li in zip(b, s, lab)])
+        finally:
+            rh.nms_thresh, rh.detections_per_img = own
+        return out
 
     def _keypoint_logits(self, feats, image_sizes, boxes_per_image: list[torch.Tensor]) -> list[torch.Tensor]:
         rh = self.model.roi_heads
@@ -194,56 +222,45 @@ class MultiTransformPredictor:
             # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
             rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view
         try:
-            results = self._predict_fast(images, heads if pre_nms else None) if self.fast \
-                else self._predict_plain(images)
+            shown = heads if pre_nms else None
+            results = self._predict_fast(images, shown) if self.fast else self._predict_plain(images, shown)
         finally:
             t.min_size, t.max_size = own
             rh.nms_thresh, rh.detections_per_img = heads
-        if pre_nms and not self.fast:   # the fast path NMS'd the views on the device already
-            for r in results:
-                self._nms_views(r, *heads)
         return results
 
-    @staticmethod
-    def _nms_views(r: "ImagePrediction", nms_thresh: float, per_view: int):
-        """The pre-NMS union's views, NMS'd per class as the model would (what the compare view
-        shows and agreement measures); the ensemble was already made from all of them."""
-        from torchvision.ops import batched_nms
-        for name, v in r.views.items():
-            keep = batched_nms(v.boxes, v.scores, v.labels, nms_thresh)[:per_view]
-            r.views[name] = Instances(v.boxes[keep], v.scores[keep], v.labels[keep],
-                                      None if v.keypoints is None else v.keypoints[keep])
-        union = list(r.views.values())
-        r.agreement = ensemble.agreement([u.boxes for u in union], [u.labels for u in union],
-                                         r.ensembled.boxes, r.ensembled.labels)
+    def _instances(self, d: dict, view: View, width: int) -> Instances:
+        boxes = flip_boxes(d["boxes"], width) if view.flip else d["boxes"]
+        kps = d.get("keypoints")
+        if kps is not None and view.flip:
+            kps = flip_keypoints(kps, width, self.flip_inds)
+        return Instances(boxes.float(), d["scores"].float(), d["labels"], None if kps is None else kps.float())
 
-    def _predict_plain(self, images: list[torch.Tensor]) -> list[ImagePrediction]:
+    def _predict_plain(self, images: list[torch.Tensor], shown: tuple[float, int] | None = None) -> list[ImagePrediction]:
+        """predict() one scale at a time through torchvision's modules. shown as in _predict_fast."""
         n = len(images)
         results = [ImagePrediction(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        unions: list[list[Instances]] = [[] for _ in images]     # what is ensembled, per image
         flipped = [im.flip(-1) for im in images] if self.transforms.flip else []
         per_scale = []  # (view list, feats, image_sizes) kept for the keypoint pass
         for scale in self.transforms.scales:
             batch = images + flipped
-            dets, feats, image_sizes = self._forward(batch, scale)
+            dets, shown_dets, feats, image_sizes = self._forward(batch, scale, shown)
             views = [View(scale, False)] * n + [View(scale, True)] * len(flipped)
             per_scale.append((views, feats, image_sizes))
-            for j, (d, v) in enumerate(zip(dets, views)):
-                i = j % n
-                w = results[i].width
-                boxes = flip_boxes(d["boxes"], w) if v.flip else d["boxes"]
-                kps = d.get("keypoints")
-                if kps is not None and v.flip:
-                    kps = flip_keypoints(kps, w, self.flip_inds)
-                results[i].views[v.name] = Instances(boxes.float(), d["scores"].float(), d["labels"],
-                                                     None if kps is None else kps.float())
-        unions = [list(r.views.values()) for r in results]
+            for j, v in enumerate(views):
+                r = results[j % n]
+                union = self._instances(dets[j], v, r.width)
+                unions[j % n].append(union)
+                r.views[v.name] = union if shown_dets is None else self._instances(shown_dets[j], v, r.width)
         merged = ensemble.ensemble_boxes_batch([torch.cat([u.boxes for u in un]) for un in unions],
                                                [torch.cat([u.scores for u in un]) for un in unions],
                                                [torch.cat([u.labels for u in un]) for un in unions],
                                                num_views=len(unions[0]), **self.options.box_kwargs())
-        for r, union, (b, s, lab) in zip(results, unions, merged):
+        for r, (b, s, lab) in zip(results, merged):
             r.ensembled = Instances(b, s, lab)
-            r.agreement = ensemble.agreement([u.boxes for u in union], [u.labels for u in union], b, lab)
+            shown_views = list(r.views.values())
+            r.agreement = ensemble.agreement([u.boxes for u in shown_views], [u.labels for u in shown_views], b, lab)
         if self.keypoints:
             self._ensemble_keypoints(results, per_scale, n)
         return [self._to_cpu(r) for r in results]

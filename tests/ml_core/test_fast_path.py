@@ -236,3 +236,24 @@ def test_compiled_backbone_gives_the_same_predictions():
     x, y = eager.ensembled, got.ensembled
     assert len(x.boxes) == len(y.boxes) > 0
     assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels) >= MIN_MATCHED
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_shown_views_do_not_depend_on_the_union_depth(fast):
+    """A pre-NMS union cut to a few boxes per view still shows each view as the model gives it (the
+    NMS'd views of the post-NMS union), on both paths; and both paths ensemble the same union."""
+    m = _model("fasterrcnn_tiny", classes=4)
+    images = [torch.rand(3, 64, 80)]
+    ts = TransformSet([48, 64], flip=True, max_size=200)
+    post = MultiTransformPredictor(m, ts, fast=fast, options=EnsembleOptions(union="post_nms")).predict(images)[0]
+    cut = EnsembleOptions(union="pre_nms", union_per_view=60)
+    pre = MultiTransformPredictor(m, ts, fast=fast, options=cut).predict(images)[0]
+    other = MultiTransformPredictor(m, ts, fast=not fast, options=cut).predict(images)[0]
+    for name in post.views:
+        x, y = post.views[name], pre.views[name]
+        assert len(x.boxes) == len(y.boxes) > 60
+        assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels) >= MIN_MATCHED, name
+    assert pre.agreement == pytest.approx(other.agreement, abs=1e-2)   # the views against the same ensemble
+    x, y = pre.ensembled, other.ensembled
+    assert len(x.boxes) == len(y.boxes) > 0
+    assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels) >= MIN_MATCHED
