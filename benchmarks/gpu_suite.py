@@ -71,7 +71,8 @@ GPU = {
 }
 SMOKE = {
     "tta_fasterrcnn": dict(arch="fasterrcnn_tiny", size=[96, 72], scales=[48, 64, 80, 96], max_size=2000,
-                           group=2, workers=1, hand_images=2, tta_images=4, split_reps=1, budget_s=30, min_s=5),
+                           group=2, workers=1, hand_images=2, tta_images=4, split_reps=1, union_per_view=100,
+                           budget_s=30, min_s=5),
     "tta_keypointrcnn": dict(arch="keypointrcnn_tiny", num_keypoints=17, size=[96, 72], scales=[48, 64, 80, 96],
                              max_size=2000, group=2, workers=0, hand_images=2, tta_images=2, split_reps=1,
                              detections_per_img=20, budget_s=30, min_s=5),
@@ -593,13 +594,16 @@ def step_tta(ctx: StepContext, p: dict):
 
     # ml_core.tta: views batched per scale, fp16 autocast on CUDA, images decoded by DataLoader workers
     ts = TransformSet(scales, flip=True, max_size=max_size)
-    predictor = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True)
+    from ml_core.tta import EnsembleOptions
+    opts = EnsembleOptions(union_per_view=p.get("union_per_view", 1000))
+    predictor = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True,
+                                        options=opts)
     predictor.predict([load_image(x) for x in paths[:group]])  # warm-up
     ours = _time_tta(ctx, predictor, paths[:p["tta_images"]], group, p["workers"], ctx.cap(0.25))
     ours["precision"] = "fp16 autocast" if predictor.amp else "fp32"
     ours["path"] = "fast (ml_core.fast_rcnn.BatchedViews)" if predictor.fast else "plain (torchvision per scale)"
     ours["torch_compile"] = "not used (no compile time)"
-    ours["union"] = predictor.union
+    ours["union"], ours["union_per_view"] = predictor.union, opts.union_per_view
     ours["cudnn.benchmark"] = device.type == "cuda"
     fig["ml_core_tta"] = ours
     fig["speedup"] = _r(ours["images_per_s"] / base, 2)
@@ -611,7 +615,7 @@ def step_tta(ctx: StepContext, p: dict):
 
     # the same with the backbone compiled (torch.compile, one graph per scale): compile time measured
     if (ctx.suite.args.compile and (ctx.suite.args.smoke or device.type == "cuda")) and ctx.left() > 50:
-        comp = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True,
+        comp = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True, options=opts,
                                        compile_backbone=True)
         ctx.sync()
         t0 = time.perf_counter()
@@ -670,7 +674,6 @@ def step_tta(ctx: StepContext, p: dict):
 
     # a box model's views enter the union before NMS by default; the NMS'd views' union for comparison
     if not nk and (ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 16)):
-        from ml_core.tta import EnsembleOptions
         post = MultiTransformPredictor(model, ts, device=device, amp=True, fast=True,
                                        options=EnsembleOptions(union="post_nms"))
         post.predict([load_image(x) for x in paths[:group]])
@@ -683,7 +686,7 @@ def step_tta(ctx: StepContext, p: dict):
 
     # the keypoint head as the model has it (NCHW) instead of the fast path's channels_last copy
     if nk and (ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 16)):
-        alt = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True)
+        alt = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True, options=opts)
         b = alt.batched
         b.keypoint_head, b.keypoint_predictor = model.roi_heads.keypoint_head, model.roi_heads.keypoint_predictor
         b.keypoint_channels_last = False
@@ -698,7 +701,8 @@ def step_tta(ctx: StepContext, p: dict):
     # the same batching in fp32: what batching alone buys (on the CPU, where there is no fp16 path,
     # the smoke test runs it only to exercise the code)
     if ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 8):
-        predictor32 = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=False, fast=True)
+        predictor32 = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=False, fast=True,
+                                              options=opts)
         predictor32.predict([load_image(x) for x in paths[:group]])
         r = _time_tta(ctx, predictor32, paths[:p["tta_images"]], group, p["workers"], max(1.0, ctx.left() - 4))
         r["precision"] = "fp32"
