@@ -63,7 +63,9 @@ def _add_train_options(p: argparse.ArgumentParser):
     p.add_argument("--min-size", type=int, default=None, help="training shorter side (default: the data's median)")
     p.add_argument("--weights", default=None, help="initial weights file (torchvision COCO/ImageNet or ours)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes for training (default: none on the CPU, 2 on CUDA) and "
+                        "image-decoding threads for inference (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
 
@@ -240,7 +242,8 @@ def cmd_pipeline(args):
                            student_config=_train_config(args, args.student_iterations),
                            teacher_iterations=args.iterations, student_iterations=args.student_iterations,
                            threshold=args.threshold, init=args.init, device=args.device, min_size=args.min_size,
-                           baselines=args.baselines, num_workers=args.workers, validation=not args.no_validation,
+                           baselines=args.baselines, num_workers=2 if args.workers is None else args.workers,
+                           validation=not args.no_validation,
                            control=not args.no_control, rounds=args.rounds)
     report = run_pipeline(opts, hooks_for=lambda name: [BarHook(name)], progress_for=lambda name: _bar(name))
     key = "keypoints" if "keypoints" in next(iter(report["results"].values())) else "bbox"

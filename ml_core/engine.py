@@ -56,7 +56,10 @@ class TrainConfig:
     checkpoint_every: int | None = None
     log_every: int = 10
     clip_grad_norm: float = 10.0
-    num_workers: int = 2
+    # DataLoader worker processes; None: 2 when training on CUDA, none on the CPU, where worker
+    # processes take the cores the model's threads use (benchmarks/train_throughput.py: fit() 3-10 %
+    # faster without them on 2 cores)
+    num_workers: int | None = None
     seed: int = 0
     # "auto": plateau when a validation function is given, steps otherwise
     schedule: str = "auto"
@@ -86,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: auto, steps, plateau")
         if self.eval_every < 0 or self.patience < 1:
             raise ValueError("eval_every must be >= 0 and patience >= 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,7 +313,8 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
 
     # The sampler is deterministic: a resumed run skips the batches it has already trained on.
     sampler.skip = state.iteration
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **loader_kwargs(config.num_workers),
+    workers = config.num_workers if config.num_workers is not None else (2 if device.type == "cuda" else 0)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **loader_kwargs(workers),
                         pin_memory=device.type == "cuda", persistent_workers=False)
     for h in hooks:
         h.before_train(state)

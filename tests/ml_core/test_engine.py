@@ -20,6 +20,21 @@ def test_bad_config_values():
         TrainConfig.from_dict({"epochs": 3})
     with pytest.raises(ValueError):
         TrainConfig(iterations=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        TrainConfig(num_workers=-1)
+
+
+def test_default_loader_workers_follow_the_device(det_data, tmp_path, monkeypatch):
+    """num_workers=None (the default): no worker processes when training on the CPU."""
+    from ml_core import engine
+    seen = []
+    real = engine.loader_kwargs
+    monkeypatch.setattr(engine, "loader_kwargs", lambda n: seen.append(n) or real(n))
+    cfg = TrainConfig(iterations=2, batch_size=2, lr=0.01, warmup_iters=1, log_every=1)
+    assert cfg.num_workers is None
+    pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(tmp_path / "t.pt"),
+                   arch="fasterrcnn_tiny", config=cfg, device="cpu")
+    assert seen == [0]
 
 
 class StopAt(Hook):
