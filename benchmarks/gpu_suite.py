@@ -521,21 +521,35 @@ def _hand_loop_cudnn_benchmark(ctx: StepContext, hand, paths: list[str], p: dict
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        hand(paths[0])
-        ctx.sync()
-        t0, n = time.perf_counter(), 0
-        cap = min(ctx.cap(0.15), ctx.left() / 3)
-        for path in paths[:p["hand_images"]]:
-            hand(path)
-            n += 1
-            if time.perf_counter() - t0 > cap:
-                break
-        ctx.sync()
-        secs = time.perf_counter() - t0
+        r = _time_hand_loop(ctx, hand, paths[:p["hand_images"]], min(ctx.cap(0.15), ctx.left() / 3))
     finally:
         torch.backends.cudnn.benchmark = before
-    return {"images": n, "seconds": _r(secs), "images_per_s": _r(n / secs), "precision": "fp32",
-            "cudnn.benchmark": True}
+    return {**r, "cudnn.benchmark": True}
+
+
+def _time_variant(ctx: StepContext, predictor, paths: list[str], p: dict, base: float, fraction: float,
+                  **what) -> dict:
+    """ml_core.tta with another predictor: one warm-up group, then timed as ours, against base."""
+    from ml_core.data import load_image
+    predictor.predict([load_image(x) for x in paths[:p["group"]]])
+    r = _time_tta(ctx, predictor, paths[:p["tta_images"]], p["group"], p["workers"],
+                  min(ctx.cap(fraction), ctx.left() / 3))
+    return {**r, **what, "speedup": _r(r["images_per_s"] / base, 2)}
+
+
+def _time_hand_loop(ctx: StepContext, hand, paths: list[str], cap: float) -> dict:
+    """The hand loop over the files after a warm-up on the first, stopped once cap seconds have passed."""
+    hand(paths[0])
+    ctx.sync()
+    t0, n = time.perf_counter(), 0
+    for path in paths:
+        hand(path)
+        n += 1
+        if time.perf_counter() - t0 > cap:
+            break
+    ctx.sync()
+    secs = time.perf_counter() - t0
+    return {"images": n, "seconds": _r(secs), "images_per_s": _r(n / secs), "precision": "fp32"}
 
 
 def step_tta(ctx: StepContext, p: dict):
@@ -570,20 +584,9 @@ def step_tta(ctx: StepContext, p: dict):
     else:
         def hand(path):
             return hand_loop(model, [path], scales, max_size, device)
-    hand(paths[0])  # warm-up
-    ctx.sync()
-    t0, n = time.perf_counter(), 0
-    cap = ctx.cap(0.18)
-    for path in paths[:p["hand_images"]]:
-        hand(path)
-        n += 1
-        if time.perf_counter() - t0 > cap:
-            break
-    ctx.sync()
-    secs = time.perf_counter() - t0
-    fig["hand_loop"] = {"images": n, "seconds": _r(secs), "images_per_s": _r(n / secs), "precision": "fp32"}
-    ctx.summary(f"hand loop {n / secs:.2f} img/s")
-    ctx.log(f"hand loop {n / secs:.2f} images/s over {n} images")
+    fig["hand_loop"] = _time_hand_loop(ctx, hand, paths[:p["hand_images"]], ctx.cap(0.18))
+    ctx.summary(f"hand loop {fig['hand_loop']['images_per_s']:.2f} img/s")
+    ctx.log(f"hand loop {fig['hand_loop']['images_per_s']:.2f} images/s over {fig['hand_loop']['images']} images")
     if ctx.suite.args.smoke or device.type == "cuda":
         fig["hand_loop_cudnn_benchmark"] = _hand_loop_cudnn_benchmark(ctx, hand, paths, p)
         ctx.log(f"hand loop with cudnn.benchmark {fig['hand_loop_cudnn_benchmark']['images_per_s']} images/s")
@@ -676,11 +679,7 @@ def step_tta(ctx: StepContext, p: dict):
     if not nk and (ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 16)):
         post = MultiTransformPredictor(model, ts, device=device, amp=True, fast=True,
                                        options=EnsembleOptions(union="post_nms"))
-        post.predict([load_image(x) for x in paths[:group]])
-        r = _time_tta(ctx, post, paths[:p["tta_images"]], group, p["workers"], min(ctx.cap(0.1), ctx.left() / 3))
-        r["union"] = "post_nms"
-        r["speedup"] = _r(r["images_per_s"] / base, 2)
-        fig["ml_core_tta_post_nms_union"] = r
+        r = fig["ml_core_tta_post_nms_union"] = _time_variant(ctx, post, paths, p, base, 0.1, union="post_nms")
         ctx.log(f"ml_core.tta with the NMS'd views' union {r['images_per_s']} images/s, x{r['speedup']}")
         ctx.save()
 
@@ -690,11 +689,8 @@ def step_tta(ctx: StepContext, p: dict):
         b = alt.batched
         b.keypoint_head, b.keypoint_predictor = model.roi_heads.keypoint_head, model.roi_heads.keypoint_predictor
         b.keypoint_channels_last = False
-        alt.predict([load_image(x) for x in paths[:group]])
-        r = _time_tta(ctx, alt, paths[:p["tta_images"]], group, p["workers"], min(ctx.cap(0.12), ctx.left() / 3))
-        r["keypoint_head"] = "NCHW (the model's own)"
-        r["speedup"] = _r(r["images_per_s"] / base, 2)
-        fig["ml_core_tta_keypoint_head_nchw"] = r
+        r = fig["ml_core_tta_keypoint_head_nchw"] = _time_variant(ctx, alt, paths, p, base, 0.12,
+                                                                  keypoint_head="NCHW (the model's own)")
         ctx.log(f"ml_core.tta with the keypoint head in NCHW {r['images_per_s']} images/s, x{r['speedup']}")
         ctx.save()
 

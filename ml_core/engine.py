@@ -57,8 +57,8 @@ class TrainConfig:
     log_every: int = 10
     clip_grad_norm: float = 10.0
     # DataLoader worker processes; None: 2 when training on CUDA, none on the CPU, where worker
-    # processes take the cores the model's threads use (benchmarks/train_throughput.py: fit() 3-10 %
-    # faster without them on 2 cores)
+    # processes take the cores the model's threads use (benchmarks/train_throughput.py, 2 cores:
+    # fit() 61-66 images/s without them, 59-60 with two)
     num_workers: int | None = None
     seed: int = 0
     # "auto": plateau when a validation function is given, steps otherwise
