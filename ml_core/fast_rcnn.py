@@ -375,11 +375,10 @@ class BatchedViews:
 
     # ---- stage 2: the box head for every view
     def _detections(self, logits, regression, proposals, prop_valid, image_sizes,
-                    nms_thresh: float | None = None, detections_per_img: int | None = None):
-        """torchvision's postprocess_detections for all views at once -> [V, D] padded (with the
-        heads' nms_thresh and detections_per_img unless given)."""
+                    settings: list[tuple[float, int]]) -> list[tuple]:
+        """torchvision's postprocess_detections for all views at once -> [V, D] padded, once per
+        (nms_thresh, detections_per_img) of settings; decoding and sorting are shared."""
         rh = self.model.roi_heads
-        nms_thresh = rh.nms_thresh if nms_thresh is None else nms_thresh
         V, N = prop_valid.shape
         C = logits.shape[-1]
         boxes = rh.box_coder.decode_single(regression.float(), proposals.reshape(-1, 4)).reshape(V, N, C, 4)
@@ -392,21 +391,21 @@ class BatchedViews:
         G = V * (C - 1)
         s, v, order, (b,) = _sort_groups(scores.transpose(1, 2).reshape(G, N), valid.transpose(1, 2).reshape(G, N),
                                          boxes.transpose(1, 2).reshape(G, N, 4))
-        D = rh.detections_per_img if detections_per_img is None else detections_per_img
-        keep = _top_nms(b, v, nms_thresh, D, V)
-        # rank each view's kept boxes in torchvision's (proposal, class) order, stable for ties
-        s = s.masked_fill(~keep, float("-inf")).reshape(V, C - 1, N)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand_as(order))
-        s = s.gather(2, rank.reshape(V, C - 1, N)).transpose(1, 2).reshape(V, N * (C - 1))
-        n = min(D, (C - 1) * N)
-        top, idx = s.sort(dim=1, descending=True, stable=True)
-        top, idx = top[:, :n], idx[:, :n]
-        prop, cls = idx // (C - 1), idx % (C - 1)
-        grp = torch.arange(V, device=idx.device)[:, None] * (C - 1) + cls        # (view, class) group
-        out_b = b[grp, rank[grp, prop]]
-        labels = cls + 1
-        ok = top > float("-inf")
-        return out_b, top.masked_fill(~ok, 0.0), labels, ok
+        out = []
+        for nms_thresh, D in settings:
+            keep = _top_nms(b, v, nms_thresh, D, V)
+            # rank each view's kept boxes in torchvision's (proposal, class) order, stable for ties
+            sk = s.masked_fill(~keep, float("-inf")).reshape(V, C - 1, N)
+            sk = sk.gather(2, rank.reshape(V, C - 1, N)).transpose(1, 2).reshape(V, N * (C - 1))
+            n = min(D, (C - 1) * N)
+            top, idx = sk.sort(dim=1, descending=True, stable=True)
+            top, idx = top[:, :n], idx[:, :n]
+            prop, cls = idx // (C - 1), idx % (C - 1)
+            grp = torch.arange(V, device=idx.device)[:, None] * (C - 1) + cls        # (view, class) group
+            ok = top > float("-inf")
+            out.append((b[grp, rank[grp, prop]], top.masked_fill(~ok, 0.0), cls + 1, ok))
+        return out
 
     def _box_head(self, feats, proposals: torch.Tensor, image_sizes):
         rh = self.model.roi_heads
@@ -474,10 +473,10 @@ class BatchedViews:
                 regression.append(rg)
         sizes = torch.tensor([hw for sf in per_scale for hw in sf.image_sizes], device=dev, dtype=torch.float32)
         logits, regression = torch.cat(logits), torch.cat(regression)
-        boxes, scores, labels, valid = self._detections(logits, regression, proposals, prop_valid, sizes)
-        second = None
-        if shown is not None:
-            second = self._detections(logits, regression, proposals, prop_valid, sizes, *shown)
+        rh = self.model.roi_heads
+        settings = [(rh.nms_thresh, rh.detections_per_img)] + ([tuple(shown)] if shown is not None else [])
+        dets = self._detections(logits, regression, proposals, prop_valid, sizes, settings)
+        (boxes, scores, labels, valid), second = dets[0], (dets[1] if shown is not None else None)
         keypoints = None
         if self.keypoints:
             keypoints = self._view_keypoints(per_scale, boxes, valid, m, autocast)
