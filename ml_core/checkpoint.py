@@ -83,9 +83,23 @@ def load_model(path, device="cpu", name: str | None = None) -> tuple[torch.nn.Mo
     schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
     model, _ = build_model(meta["arch"], len(meta["categories"]) + 1, schema.num_keypoints if schema else 0,
                            meta["min_size"], meta["max_size"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{name}: the weights do not fit a {meta['arch']} with "
-                         f"{len(meta['categories'])} categories ({str(e).splitlines()[0][:200]})") from None
+    load_state(model, ckpt, name)
     return model.to(device).eval(), meta
+
+
+def load_state(model: torch.nn.Module, ckpt: dict, name: str = "checkpoint"):
+    """Load a Distill checkpoint's weights into the model its metadata describes, every tensor: a
+    ValueError says what does not fit. A checkpoint of an earlier layout of its architecture (e.g.
+    keypointrcnn_tiny before its stride-4 keypoint map) lacks the layers added since: it is refused,
+    never run with those layers at their random initialisation."""
+    state, meta = ckpt["model"], ckpt["meta"]
+    what = f"a {meta['arch']} with {len(meta['categories'])} categories"
+    missing = [k for k in model.state_dict() if k not in state]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        if missing:
+            listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ValueError(f"{name}: the weights do not fit {what}: they lack {listed} (a checkpoint of an "
+                             f"earlier version of {meta['arch']}? train it again)") from None
+        raise ValueError(f"{name}: the weights do not fit {what} ({' '.join(str(e).split())[:200]})") from None

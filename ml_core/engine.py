@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import load_state, read_checkpoint, save_checkpoint
 from .data import MixedBatchSampler, collate, loader_kwargs, parse_ratio
 from .serialization import plain
 
@@ -290,7 +290,7 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
             # and nothing is trained twice
             return _finished(model, ckpt, config, hooks, device)
         if "optimizer" in ckpt and ckpt.get("iteration", 0) < config.iterations:
-            model.load_state_dict(ckpt["model"])
+            load_state(model, ckpt, os.path.basename(str(checkpoint_path)))
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             _restore(state, ckpt)
@@ -395,7 +395,7 @@ def _finished(model: torch.nn.Module, ckpt: dict, config: TrainConfig, hooks, de
     state = TrainState(config=config, already_trained=True)
     state.stopped = _restore(state, ckpt).get("stopped", "")
     state.started = time.time() - (state.history[-1]["time"] if state.history else 0)
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt)
     model.to(device).eval()
     for h in hooks:
         h.before_train(state)

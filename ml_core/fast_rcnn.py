@@ -45,6 +45,7 @@ from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from .ensemble import batched_iou
+from .models import rpn_features
 
 
 # --- the backbone copy used on the GPU ----------------------------------------------------------
@@ -330,7 +331,7 @@ class BatchedViews:
         """Per image and pyramid level, the top pre_nms_top_n anchors by objectness, decoded, clipped,
         and masked as torchvision's filter_proposals would drop them: [B, L, P] padded."""
         rpn = self.model.rpn
-        fl = list(feats.values())
+        fl = rpn_features(rpn, feats)  # the maps the RPN reads
         objectness, deltas = rpn.head(fl)
         anchors = rpn.anchor_generator(image_list, fl)[0]             # same for every image of the batch
         per_level = [o[0].numel() for o in objectness]

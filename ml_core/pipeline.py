@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import selection
-from .checkpoint import load_model, model_meta, read_checkpoint
+from .checkpoint import load_model, load_state, model_meta, read_checkpoint
 from .data import CocoData, CocoDetection, load_coco, load_image, validate_coco
 from .engine import Hook, TrainConfig, TrainState, fit
 from .evaluation import COCOEvaluator, NamedEvaluator
@@ -92,7 +92,7 @@ def train(labeled_json: str, labeled_root: str, out_path: str, *, arch: str, con
     model, init_desc = build_model(arch, len(labeled.categories) + 1, schema.num_keypoints if schema else 0,
                                    min_size, max_size, weights_path=weights)
     if teacher and init == "finetune":
-        model.load_state_dict(read_checkpoint(teacher)["model"])
+        load_state(model, read_checkpoint(teacher), os.path.basename(teacher))
         init_desc = f"fine-tuned from teacher {os.path.basename(teacher)}"
     label_of = labeled.label_of()
     lab_ds = CocoDetection(_with_annotations(labeled), labeled_root, transform, label_of)

@@ -47,6 +47,23 @@ def test_a_malformed_checkpoint_upload_is_a_400(as_alice, det_project, tmp_path)
     assert r.status_code == 400 and "not a Distill checkpoint" in r.json()["message"]
 
 
+def test_a_keypoint_checkpoint_of_an_earlier_layout_upload_is_a_400(as_alice, det_project, tmp_path):
+    # keypointrcnn_tiny before its stride-4 keypoint map: refused with the reason, not a 500
+    import torch
+    from ml_core.checkpoint import model_meta
+    from ml_core.models import build_model
+    from ml_core.schema import KeypointSchema
+    m, _ = build_model("keypointrcnn_tiny", 2, 3, min_size=64, max_size=96)
+    meta = model_meta("keypointrcnn_tiny", [{"id": 1, "name": "a"}], KeypointSchema(names=["a", "b", "c"]), 64, 96)
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("backbone.lateral.", "backbone.smooth."))}
+    torch.save({"meta": meta, "model": old}, tmp_path / "old.pt")
+    f = io.BytesIO((tmp_path / "old.pt").read_bytes())
+    f.name = "old.pt"
+    r = as_alice.post("/api/models/upload/", {"project": det_project["project"], "file": f}, format="multipart")
+    assert r.status_code == 400 and "earlier version of keypointrcnn_tiny" in r.json()["message"]
+    assert ModelCheckpoint.objects.count() == 0
+
+
 def test_a_worker_refuses_a_hostile_checkpoint_on_disk(as_alice, det_project, teacher, tmp_path):
     # A checkpoint file replaced behind the database's back: the worker that loads it must not run it.
     from tests.app.conftest import run_inference

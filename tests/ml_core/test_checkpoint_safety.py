@@ -80,6 +80,22 @@ def test_weights_that_do_not_fit_the_architecture_are_a_value_error(tmp_path):
         load_model(tmp_path / "m.pt")
 
 
+def test_a_keypointrcnn_tiny_checkpoint_of_the_stride_8_layout_is_refused(tmp_path):
+    # keypointrcnn_tiny before its stride-4 keypoint map had no backbone.lateral / backbone.smooth:
+    # its checkpoints must not load with those layers left at random (nor fail with a RuntimeError)
+    from ml_core.schema import KeypointSchema
+    m, _ = build_model("keypointrcnn_tiny", 2, 3, min_size=64, max_size=96)
+    schema = KeypointSchema(names=["a", "b", "c"])
+    meta = model_meta("keypointrcnn_tiny", [{"id": 1, "name": "person"}], schema, 64, 96)
+    save_checkpoint(tmp_path / "new.pt", m, meta)
+    load_model(tmp_path / "new.pt")
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith(("backbone.lateral.", "backbone.smooth."))}
+    torch.save({"meta": meta, "model": old}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old.pt: the weights do not fit a keypointrcnn_tiny .* lack "
+                                         r"backbone.lateral.weight.*earlier version of keypointrcnn_tiny"):
+        load_model(tmp_path / "old.pt")
+
+
 def test_a_plain_state_dict_loads_as_initial_weights(tmp_path):
     # torchvision's published files are plain state dicts: they must keep working.
     m, _ = build_model("fasterrcnn_tiny", 3, min_size=64, max_size=96)

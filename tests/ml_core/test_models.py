@@ -44,3 +44,28 @@ def test_a_plain_file_is_not_a_checkpoint(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         read_checkpoint(tmp_path / "x.pt")
+
+
+def test_keypointrcnn_tiny_pools_keypoints_from_stride_4_and_the_rpn_reads_stride_8_only():
+    from torchvision.ops import roi_align
+
+    from ml_core.fast_rcnn import BatchedViews
+    from ml_core.models import rpn_features
+    torch.manual_seed(0)
+    m, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=96, max_size=96)
+    m.eval()
+    feats = m.backbone(torch.rand(1, 3, 96, 96))
+    assert {k: tuple(v.shape[-2:]) for k, v in feats.items()} == {"0": (12, 12), "p2": (24, 24)}
+    assert m.roi_heads.box_roi_pool.featmap_names == ["0"]
+    assert m.roi_heads.keypoint_roi_pool.featmap_names == ["p2"]
+    boxes = torch.tensor([[10.0, 12, 40, 60], [50, 20, 90, 80]])
+    with torch.no_grad():
+        pooled = m.roi_heads.keypoint_roi_pool(feats, [boxes], [(96, 96)])
+        torch.testing.assert_close(pooled, roi_align(feats["p2"], [boxes], 14, spatial_scale=0.25, sampling_ratio=2))
+    assert [f is feats["0"] for f in rpn_features(m.rpn, feats)] == [True]
+    seen = []
+    m.rpn.head.register_forward_hook(lambda mod, inp, out: seen.append([tuple(f.shape[-2:]) for f in inp[0]]))
+    with torch.no_grad():
+        m([torch.rand(3, 96, 96)])  # torchvision's forward
+        BatchedViews(m).run([torch.rand(3, 96, 96)], [96], False, 96)  # the fast path
+    assert seen == [[(12, 12)], [(12, 12)]]

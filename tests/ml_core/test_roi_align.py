@@ -79,7 +79,7 @@ def test_tiny_models_train_and_predict_as_with_torchvision_roi_align(arch):
     theirs.load_state_dict(ours.state_dict())
     theirs.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0"], 7, 2)
     if kp:
-        theirs.roi_heads.keypoint_roi_pool = MultiScaleRoIAlign(["0"], 14, 2)
+        theirs.roi_heads.keypoint_roi_pool = MultiScaleRoIAlign(["p2"], 14, 2)  # the stride-4 map
     assert isinstance(ours.roi_heads.box_roi_pool, SmallMapRoIAlign)
     images = [torch.rand(3, 96, 96) for _ in range(2)]
     boxes = torch.tensor([[10.0, 10, 40, 40], [50, 50, 80, 90]])
