@@ -1,7 +1,7 @@
 """Does torch.compile speed up the TTA backbone, and what does compiling cost?
 
 The backbone is the largest single cost of multi-transform inference on a GPU (GPU suite, steps
-1-2). This times the fast path's backbone copy (ml_core.fast_rcnn.inference_backbone: batch norms
+1-2). This times the fast path's backbone copy (ml_core.inference_backbone: batch norms
 folded, channels_last, fp16 autocast, cudnn.benchmark) over every view of a group of images, eager
 against torch.compile (inductor, static shapes: one graph per scale), and reports the compile time
 of each shape separately, not hidden in a warm-up. Stops compiling when its time budget is spent.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ml_core.fast_rcnn import _cudnn_autotuned, inference_backbone
+from ml_core.inference_backbone import cudnn_autotuned, inference_backbone
 from ml_core.models import build_model
 
 PRESETS = {
@@ -75,7 +75,7 @@ def main(argv=None):
 
     @torch.inference_mode()
     def eager(x):
-        with amp, _cudnn_autotuned(cuda):
+        with amp, cudnn_autotuned(cuda):
             return bb(x)
 
     with torch.inference_mode():
@@ -90,7 +90,7 @@ def main(argv=None):
 
     @torch.inference_mode()
     def comp(x):
-        with amp, _cudnn_autotuned(cuda):
+        with amp, cudnn_autotuned(cuda):
             return compiled(x)
 
     compile_s, done = [], []

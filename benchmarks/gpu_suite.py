@@ -57,11 +57,11 @@ COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]  # 17 COC
 GPU = {
     "tta_fasterrcnn": dict(arch="fasterrcnn_resnet50_fpn", size=[640, 480], scales=[400, 600, 800, 1000],
                            max_size=2000, group=8, workers=6, hand_images=32, tta_images=128, split_reps=4,
-                           budget_s=90, min_s=20),
+                           budget_s=105, min_s=20),
     "tta_keypointrcnn": dict(arch="keypointrcnn_resnet50_fpn", num_keypoints=17, size=[640, 480],
                              scales=[400, 600, 800, 1000], max_size=2000, group=8, workers=6, hand_images=24,
-                             tta_images=96, split_reps=3, budget_s=75, min_s=20),
-    "box_ensembling": dict(images=300, batch=64, budget_s=25, min_s=8),
+                             tta_images=96, split_reps=3, budget_s=85, min_s=20),
+    "box_ensembling": dict(images=300, batch=64, union_images=64, union_per_view=1000, budget_s=35, min_s=8),
     "train_pipeline": dict(arch="fasterrcnn_resnet50_fpn", size=512, batch=16, iterations=60, workers=8, images=64,
                            budget_s=50, min_s=15),
     "distillation": dict(arch="fasterrcnn_resnet18_fpn", size=320, labeled=200, unlabeled=800, val=150,
@@ -76,7 +76,7 @@ SMOKE = {
     "tta_keypointrcnn": dict(arch="keypointrcnn_tiny", num_keypoints=17, size=[96, 72], scales=[48, 64, 80, 96],
                              max_size=2000, group=2, workers=0, hand_images=2, tta_images=2, split_reps=1,
                              detections_per_img=20, budget_s=30, min_s=5),
-    "box_ensembling": dict(images=6, batch=4, budget_s=10, min_s=3),
+    "box_ensembling": dict(images=6, batch=4, union_images=2, union_per_view=150, budget_s=10, min_s=3),
     "train_pipeline": dict(arch="fasterrcnn_tiny", size=64, batch=2, iterations=8, workers=1, images=8,
                            budget_s=25, min_s=5),
     "distillation": dict(arch="fasterrcnn_tiny", size=64, labeled=8, unlabeled=8, val=4, batch=2, lr=0.01,
@@ -484,6 +484,52 @@ def _time_tta(ctx: StepContext, predictor, paths: list[str], group: int, workers
             "steady_images_per_s": _r(steady), "loader_workers": workers}
 
 
+def _predict_split(ctx: StepContext, predictor, images: list[torch.Tensor], reps: int) -> dict:
+    """Where one predict() call's time goes: the views' forward pass (BatchedViews.run), the box
+    ensembling, the agreement measure and, for keypoint models, the keypoint ensembling, each
+    call wrapped between device synchronisations; the rest is the host copy and building results."""
+    from ml_core import ensemble
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            ctx.sync()
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                ctx.sync()
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+    targets = [(predictor.batched, "run", "views_forward"), (ensemble, "ensemble_boxes_flat", "box_ensembling"),
+               (ensemble, "agreement_padded", "agreement")]
+    if predictor.keypoints:
+        targets.append((predictor, "_ensemble_keypoints_fast", "keypoint_ensembling"))
+    saved = [(obj, attr, obj.__dict__.get(attr)) for obj, attr, _ in targets]
+    try:
+        for obj, attr, name in targets:
+            setattr(obj, attr, timed(name, getattr(obj, attr)))
+        predictor.predict(images)                       # warm-up
+        spent.clear()
+        ctx.sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            predictor.predict(images)
+        ctx.sync()
+        total = time.perf_counter() - t0
+    finally:
+        for obj, attr, before in saved:
+            if before is None:
+                delattr(obj, attr)                          # an instance's method: the class's again
+            else:
+                setattr(obj, attr, before)
+    per = reps * len(images)
+    ms = {k: _r(1000 * v / per, 2) for k, v in spent.items()}
+    ms["host_copy_and_results"] = _r(1000 * (total - sum(spent.values())) / per, 2)
+    return {"what": "one group, predict() with each part timed between device synchronisations (adds a little)",
+            "ms_per_image": ms, "predict_ms_per_image": _r(1000 * total / per, 2)}
+
+
 def _profile(ctx: StepContext, fn, rows: int = 25) -> dict:
     """One call of fn under torch.profiler (after a warm-up): the operators with the most self time
     on the device (on the CPU, CPU self time), as a share of the total."""
@@ -608,6 +654,7 @@ def step_tta(ctx: StepContext, p: dict):
     ours["torch_compile"] = "not used (no compile time)"
     ours["union"], ours["union_per_view"] = predictor.union, opts.union_per_view
     ours["cudnn.benchmark"] = device.type == "cuda"
+    ours["backbone"] = "folded, conv+ReLU fused (cuDNN)" if device.type == "cuda" else "the model's own"
     fig["ml_core_tta"] = ours
     fig["speedup"] = _r(ours["images_per_s"] / base, 2)
     fig["speedup_steady"] = _r(ours["steady_images_per_s"] / base, 2) if ours["steady_images_per_s"] else None
@@ -664,6 +711,8 @@ def step_tta(ctx: StepContext, p: dict):
         "share_of_predict": {k: _r(v / 1000 / split["predict"], 3) for k, v in ms.items()},
     }
     fig["backbone_only_images_per_s"] = fig["time_split"]["images_per_s_upto"]["backbone"]
+    fig["predict_split"] = _predict_split(ctx, predictor, images, p["split_reps"])
+    ctx.log(f"predict split (ms per image): {fig['predict_split']['ms_per_image']}")
     ctx.summary(ctx.rec["summary"] + f" | up to backbone {fig['backbone_only_images_per_s']} img/s")
     ctx.log(f"time split (ms per image): {ms}")
     ctx.save()
@@ -673,6 +722,29 @@ def step_tta(ctx: StepContext, p: dict):
         fig["profile"] = _profile(ctx, lambda: predictor.predict(images))
         top = fig["profile"]["top"][:3]
         ctx.log("profile, top: " + "; ".join(f"{r['name'][:50]} {r['share']:.0%}" for r in top))
+        ctx.save()
+
+    # the backbone copy without its conv + bias + ReLU (and a ResNet block's last conv + residual
+    # + ReLU) fused into single cuDNN calls: what the fusion buys; features compared on the device
+    if ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 16):
+        from ml_core.inference_backbone import inference_backbone
+        unfused = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True,
+                                          options=opts)
+        unfused.batched.backbone = inference_backbone(model.backbone, fold=True,
+                                                      channels_last=device.type == "cuda", fuse=False)
+        with torch.inference_mode(), predictor._autocast():
+            model.transform.min_size = (scales[1],)
+            x = model.transform(images[:2])[0].tensors
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            fa, fb = predictor.batched.backbone(x), unfused.batched.backbone(x)
+        rel = max(float((fa[k].float() - fb[k].float()).abs().max() / fb[k].float().abs().max().clamp_min(1e-6))
+                  for k in fa)
+        r = fig["ml_core_tta_unfused_backbone"] = _time_variant(ctx, unfused, paths, p, base, 0.1,
+                                                                 backbone="folded, conv and ReLU apart",
+                                                                 features_max_rel_diff_fused=_r(rel, 5))
+        ctx.log(f"ml_core.tta with conv and ReLU apart {r['images_per_s']} images/s, x{r['speedup']} "
+                f"(fused features' max rel. diff {rel:.2e})")
         ctx.save()
 
     # a box model's views enter the union before NMS by default; the NMS'd views' union for comparison
@@ -746,6 +818,16 @@ def step_ensembling(ctx: StepContext, p: dict):
                 f"{ips['distill nms+vote']} | nms padded {ips['distill nms, padded batch']} / per image "
                 f"{ips['distill nms']}" + (f" | ensemble-boxes nms {ips['ensemble-boxes nms']}" if eb_nms else "")
                 + (f" | wbf ours {ips['distill wbf']} / theirs {ips['ensemble-boxes wbf']}" if eb_wbf else ""))
+    ctx.save()
+    # a pre-NMS union's size (up to 1,000 boxes per view before NMS, ml_core.tta's default for box
+    # models; fewer in the smoke test), in groups of 8 images as ml_core.tta has them: our two paths
+    if ctx.left() > 4:
+        u = measure(p["union_images"], str(ctx.device), max_seconds=ctx.left() / 5, batch=min(p["batch"], 8),
+                    per_view=p["union_per_view"], wbf=False)
+        ctx.fig["pre_nms_union"] = u
+        ui = u["images_per_second"]
+        ctx.summary(ctx.rec["summary"] + f" | union of 8 x {p['union_per_view']}: padded {ui['distill nms+vote, padded batch']} "
+                    f"/ per image {ui['distill nms+vote']}")
 
 
 # ---------------------------------------------------------------------------------------------------------

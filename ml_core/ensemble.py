@@ -12,7 +12,14 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
 
+from . import nms
 from .transforms import flip_heatmaps
+
+# the padded path's budget: (image, class) groups are padded together in chunks of at most this
+# many overlap-matrix entries (about 16 bytes each while a chunk is processed: IoU, overlaps, votes)
+CHUNK_ELEMENTS = 2 ** 25
+# a single group larger than this (sqrt: 11,585 boxes of one class in one image) goes to torchvision
+MAX_GROUP_ELEMENTS = 2 ** 27
 
 BOX_METHODS = ("nms_vote", "nms", "wbf")
 VOTE_SCORING = ("id", "avg", "iou_avg")
@@ -38,30 +45,33 @@ def box_voting(kept_boxes, kept_scores, kept_labels, all_boxes, all_scores, all_
     classes = kept_labels.unique()
     if len(classes) == 1:
         same = all_labels == classes[0]
-        return _vote(kept_boxes, kept_scores, all_boxes[same], all_scores[same], vote_thresh, scoring)
+        return _vote(box_iou(kept_boxes, all_boxes[same]), all_boxes[same], all_scores[same], kept_scores,
+                     vote_thresh, scoring)
     # class by class: only same-class boxes vote, so a (K, N) IoU over all classes is wasted work
     boxes, scores = kept_boxes.clone(), kept_scores.clone()
     for c in classes:
         k, same = kept_labels == c, all_labels == c
-        boxes[k], scores[k] = _vote(kept_boxes[k], kept_scores[k], all_boxes[same], all_scores[same],
-                                    vote_thresh, scoring)
+        boxes[k], scores[k] = _vote(box_iou(kept_boxes[k], all_boxes[same]), all_boxes[same], all_scores[same],
+                                    kept_scores[k], vote_thresh, scoring)
     return boxes, scores
 
 
-def _vote(kept_boxes, kept_scores, all_boxes, all_scores, vote_thresh: float, scoring: str):
-    """box_voting within one class."""
-    iou = box_iou(kept_boxes, all_boxes)                                     # (K, N)
+def _vote(iou, all_boxes, all_scores, kept_scores, vote_thresh: float, scoring: str, valid=None):
+    """box_voting within one class, or within each group of a padded batch: iou [..., K, N] of the
+    kept boxes with all boxes [..., N, 4] (scores [..., N]; valid [..., N] marks real ones)."""
     voters = iou >= vote_thresh
-    w = voters.to(all_scores.dtype) * all_scores[None, :]
-    boxes = (w @ all_boxes) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    if valid is not None:
+        voters &= valid[..., None, :]
+    w = voters.to(all_scores.dtype) * all_scores[..., None, :]
+    boxes = (w @ all_boxes) / w.sum(-1, keepdim=True).clamp_min(1e-12)
     if scoring == "id":
         scores = kept_scores
     elif scoring == "avg":
         v = voters.to(all_scores.dtype)
-        scores = (v * all_scores[None, :]).sum(1) / v.sum(1).clamp_min(1)
+        scores = (v * all_scores[..., None, :]).sum(-1) / v.sum(-1).clamp_min(1)
     else:
         p = iou * voters
-        scores = (p * all_scores[None, :]).sum(1) / p.sum(1).clamp_min(1e-12)
+        scores = (p * all_scores[..., None, :]).sum(-1) / p.sum(-1).clamp_min(1e-12)
     return boxes, scores
 
 
@@ -148,67 +158,6 @@ def ensemble_boxes(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
     return out_b[top], out_s[top], out_l[top]
 
 
-def _pad_groups(keys: torch.Tensor, num_groups: int, *tensors: torch.Tensor):
-    """Scatter rows sorted by group key into [num_groups, max_rows, ...] with a validity mask."""
-    counts = torch.bincount(keys, minlength=num_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(len(keys), device=keys.device) - starts[keys]
-    width = int(counts.max()) if len(keys) else 0
-    out = []
-    for t in tensors:
-        buf = t.new_zeros((num_groups, width) + tuple(t.shape[1:]))
-        buf[keys, pos] = t
-        out.append(buf)
-    mask = torch.zeros((num_groups, width), dtype=torch.bool, device=keys.device)
-    mask[keys, pos] = True
-    return out, mask, pos
-
-
-def batched_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """[G, K, 4] x [G, N, 4] -> [G, K, N]. eps=0 divides exactly as torchvision's NMS kernels do
-    (what the detector's own NMS must match); the default keeps empty boxes from dividing by 0."""
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    wh = (rb - lt).clamp_min_(0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, :, None] + area_b[:, None, :] - inter
-    return inter / (union.clamp_min_(eps) if eps else union)
-
-
-def _padded_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_groups: int,
-                 iou_thresh: float) -> torch.Tensor | None:
-    """Greedy NMS inside every group at once, without a kernel launch per group.
-
-    1. sort each group by descending score and pad it into a [G, M, 4] batch;
-    2. over[g, j, i]: box j ranks above box i and overlaps it by more than iou_thresh;
-    3. iterate keep[i] = not any(keep[j] and over[j, i]) to its fixed point. Entry i depends only
-       on entries ranked above it, so the fixed point is unique and equals greedy NMS; iteration t
-       has the first t ranks right, and real suppression chains are a few boxes long.
-    Returns kept indices by descending score, or None when the padded [G, M, M] batch would be
-    too large (then the caller uses torchvision's per-group NMS).
-    """
-    by_score = scores.argsort(descending=True, stable=True)
-    order = by_score[groups[by_score].argsort(stable=True)]
-    counts = torch.bincount(groups, minlength=num_groups)
-    width = int(counts.max()) if len(groups) else 0
-    if num_groups * width * width > 2 ** 26:
-        return None
-    (gb,), mask, pos = _pad_groups(groups[order], num_groups, boxes[order])
-    above = torch.ones(width, width, dtype=torch.bool, device=boxes.device).triu_(1)
-    over = (batched_iou(gb, gb) > iou_thresh) & above & mask[:, :, None]
-    keep = mask
-    for _ in range(width):
-        suppressed = (over & keep[:, :, None]).any(1)
-        new = mask & ~suppressed
-        if torch.equal(new, keep):
-            break
-        keep = new
-    kept = order[keep[groups[order], pos]]
-    return kept[scores[kept].argsort(descending=True, stable=True)]
-
-
 def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], labels: list[torch.Tensor], *,
                          num_views: int = 1, method: str = "nms_vote", score_thresh: float = 0.05,
                          nms_thresh: float = 0.5, vote_thresh: float = 0.8, vote_scoring: str = "id",
@@ -216,9 +165,10 @@ def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], 
     """`ensemble_boxes` for many images at once, with the same results.
 
     padded=True does it in a handful of tensor ops over every (image, class) group at once:
-    NMS as a fixed point over a padded batch of IoU matrices (_padded_nms), box voting as one
-    padded batched IoU. That is meant for a GPU, where per-image kernel launches dominate; on the CPU the padding costs more than it saves (benchmarks/
-    ensemble_throughput.py), so the default (None) pads on CUDA only. WBF, being sequential,
+    NMS as a fixed point over a padded batch of IoU matrices (ml_core.nms), box voting on the same
+    IoU matrices; groups of similar size are padded together, a chunk at a time (CHUNK_ELEMENTS).
+    That is meant for a GPU, where per-image kernel launches dominate; on the CPU the padding costs
+    more than it saves (benchmarks/ensemble_throughput.py), so the default (None) pads on CUDA only. WBF, being sequential,
     always goes one image at a time."""
     _check_choice(method, BOX_METHODS, "box ensembling method")
     _check_choice(vote_scoring, VOTE_SCORING, "vote scoring")
@@ -251,32 +201,30 @@ def ensemble_boxes_flat(B: torch.Tensor, S: torch.Tensor, L: torch.Tensor, img: 
     B, S, L, img = B[keep], S[keep], L[keep], img[keep]
     n_lab = int(L.max()) + 1 if len(L) else 1
     key = img * n_lab + L
-    k = _padded_nms(B, S, key, n * n_lab, nms_thresh)
-    if k is None:
-        k = batched_nms(B, S, key, nms_thresh)
-    kb, ks, kl, kimg, kkey = B[k], S[k], L[k], img[k], key[k]
-    if method == "nms_vote" and len(k):
-        # group every union box and every kept box by (image, class); vote inside each group
-        order_all, order_kept = key.argsort(stable=True), kkey.argsort(stable=True)
-        groups = n * n_lab
-        (ab, as_), amask, _ = _pad_groups(key[order_all], groups, B[order_all], S[order_all])
-        (gb, gs), gmask, gpos = _pad_groups(kkey[order_kept], groups, kb[order_kept], ks[order_kept])
-        iou = batched_iou(gb, ab)
-        voters = (iou >= vote_thresh) & amask[:, None, :]
-        w = voters.to(as_.dtype) * as_[:, None, :]
-        voted = (w @ ab) / w.sum(-1, keepdim=True).clamp_min(1e-12)
-        if vote_scoring == "id":
-            vs = gs
-        elif vote_scoring == "avg":
-            v = voters.to(as_.dtype)
-            vs = (v * as_[:, None, :]).sum(-1) / v.sum(-1).clamp_min(1)
-        else:
-            p = iou * voters
-            vs = (p * as_[:, None, :]).sum(-1) / p.sum(-1).clamp_min(1e-12)
-        sel = kkey[order_kept], gpos
-        kb, ks = kb.clone(), ks.clone()
-        kb[order_kept] = voted[sel]
-        ks[order_kept] = vs[sel]
+    order, counts, starts = nms.grouped_rows(key, S, n * n_lab)
+    if max(counts, default=0) ** 2 > MAX_GROUP_ELEMENTS:
+        # one (image, class) group too large to pad: torchvision's NMS, image by image
+        return [ensemble_boxes(B[img == i], S[img == i], L[img == i], num_views=num_views, method=method,
+                               score_thresh=score_thresh, nms_thresh=nms_thresh, vote_thresh=vote_thresh,
+                               vote_scoring=vote_scoring, detections_per_img=detections_per_img)
+                for i in range(n)]
+    kept_rows, kept_b, kept_s = [], [], []
+    for groups, width in nms.size_chunks(counts, CHUNK_ELEMENTS):
+        rows, valid = nms.chunk_rows(order, counts, starts, groups, width)
+        b, s = B[rows], S[rows]
+        iou = nms.batched_iou(b, b)
+        over = (iou > nms_thresh) & nms.ranked_above(width, dev) & valid[:, :, None]
+        k = nms.suppression_fixed_point(over.to(torch.float16) if B.is_cuda else over, valid)
+        if method == "nms_vote":          # every row voted on, only the kept ones used
+            b, s = _vote(iou, b, s, s, vote_thresh, vote_scoring, valid)
+        kept_rows.append(rows[k])
+        kept_b.append(b[k])
+        kept_s.append(s[k])
+    if kept_rows:
+        k = torch.cat(kept_rows)
+        kb, ks, kl, kimg = torch.cat(kept_b), torch.cat(kept_s), L[k], img[k]
+    else:
+        kb, ks, kl, kimg = B[:0], S[:0], L[:0], img[:0]
     # top detections_per_img per image, by score
     by_score = ks.argsort(descending=True, stable=True)
     by_image = kimg[by_score].argsort(stable=True)

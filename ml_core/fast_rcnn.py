@@ -9,8 +9,8 @@ torchvision path) but is organised for a GPU:
   Python in `RegionProposalNetwork.filter_proposals` and `RoIHeads.postprocess_detections`; each
   iteration indexes with data-dependent masks (a host synchronisation) and runs its own NMS. Here
   boxes stay padded ([views, slots] with a validity mask) and NMS runs for every
-  (view, level) or (view, class) group at once: `padded_nms`, greedy NMS written as a fixed
-  point over a batch of IoU matrices (same result as torchvision's NMS; see its docstring).
+  (view, level) or (view, class) group at once: `ml_core.nms.padded_nms`, greedy NMS written as a
+  fixed point over a batch of IoU matrices (same result as torchvision's NMS; see its docstring).
 * The RPN decodes only the top-scoring anchors of each level (torchvision decodes every anchor
   first, then selects); decoding is per anchor, so the result is the same.
 * Detections are ranked once per view across classes with `topk` instead of torchvision's
@@ -20,8 +20,9 @@ torchvision path) but is organised for a GPU:
   every RoI's heatmap with its own bicubic `interpolate` call in a Python loop (two host
   synchronisations per box); this one builds the same bicubic weights as matrices and resizes a
   chunk of RoIs with two batched matmuls.
-* On CUDA the backbone runs on a copy of itself with batch norms folded into the convolutions and
-  in channels_last memory format (`inference_backbone`), with cudnn.benchmark (`_cudnn_autotuned`)
+* On CUDA the backbone runs on a copy of itself with batch norms folded into the convolutions,
+  conv + bias + ReLU fused into single cuDNN calls and in channels_last memory format
+  (`ml_core.inference_backbone`), with cudnn.benchmark
   and optionally torch.compile'd (both pay per new input shape); the keypoint head runs on a channels_last copy; on the CPU the
   model's own modules run.
 * A pre-NMS union (`run(shown=...)`) post-processes the box head's outputs twice: without NMS for
@@ -44,137 +45,9 @@ from torch import nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from .ensemble import batched_iou
+from .inference_backbone import cudnn_autotuned, inference_backbone
+from .nms import padded_nms, sort_groups
 from .models import rpn_features
-
-
-# --- the backbone copy used on the GPU ----------------------------------------------------------
-
-def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    """conv followed by an eval-mode batch norm -> one conv with a bias."""
-    if isinstance(bn, nn.BatchNorm2d):
-        mean, var, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-        if w is None:
-            w = torch.ones_like(mean)
-        if b is None:
-            b = torch.zeros_like(mean)
-    else:  # torchvision.ops.FrozenBatchNorm2d
-        mean, var, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-    scale = w / torch.sqrt(var + eps)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
-    fused = fused.to(conv.weight.device, conv.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
-        fused.bias.copy_((bias - mean) * scale + b)
-    return fused
-
-
-def _is_bn(m: nn.Module) -> bool:
-    from torchvision.ops import FrozenBatchNorm2d
-    return isinstance(m, FrozenBatchNorm2d) or (isinstance(m, nn.BatchNorm2d) and m.track_running_stats
-                                                and m.running_mean is not None)
-
-
-def fold_batch_norms(module: nn.Module) -> int:
-    """Fold every batch norm that directly follows a conv into it, in place; returns how many.
-
-    Pairs: consecutive (Conv2d, BN) in an nn.Sequential, and attributes convN / bnN of one module
-    (torchvision's ResNet blocks and stem: conv1/bn1, ...). Anything else is left as it is."""
-    n = 0
-    for m in list(module.modules()):
-        if isinstance(m, nn.Sequential):
-            names = list(m._modules)
-            for a, b in zip(names, names[1:]):
-                conv, bn = m._modules[a], m._modules[b]
-                if isinstance(conv, nn.Conv2d) and _is_bn(bn):
-                    m._modules[a], m._modules[b] = _fold(conv, bn), nn.Identity()
-                    n += 1
-        for name in list(m._modules):
-            if name.startswith("conv") and f"bn{name[4:]}" in m._modules:
-                conv, bn = m._modules[name], m._modules[f"bn{name[4:]}"]
-                if isinstance(conv, nn.Conv2d) and _is_bn(bn):
-                    m._modules[name], m._modules[f"bn{name[4:]}"] = _fold(conv, bn), nn.Identity()
-                    n += 1
-    return n
-
-
-def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool) -> nn.Module:
-    """A copy of the backbone for inference (the model's own is left untouched)."""
-    if not fold and not channels_last:
-        return backbone
-    b = copy.deepcopy(backbone).eval()
-    if fold:
-        fold_batch_norms(b)
-    if channels_last:
-        b = b.to(memory_format=torch.channels_last)
-    return b
-
-
-@contextlib.contextmanager
-def _cudnn_autotuned(enabled: bool):
-    """cudnn.benchmark for the backbone and the RPN head on CUDA: their input is a scale's padded
-    batch, one shape per scale when a group's images share a size (else one per new padded size),
-    so each shape gets its convolution algorithms chosen by timing once. Not for the RoI heads:
-    their batch is the number of boxes, new at every call, and re-tuning each (measured on an H100,
-    keypoint head) made the keypoint model 5x slower. The flag is process-wide in torch: set and
-    restored here, for inference from one thread per process (as the workers and the CLI run it)."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled or before
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
-# --- NMS over a padded batch of groups ------------------------------------------------------------
-
-def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[G, K, 4] x [G, N, 4] -> [G, K, N], divided exactly as torchvision's NMS kernels do."""
-    return batched_iou(a, b, eps=0.0)
-
-
-def padded_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
-               max_elements: int = 2 ** 25) -> torch.Tensor:
-    """Greedy NMS in every group of a padded batch at once: the same boxes as torchvision's nms.
-
-    boxes [G, M, 4] are sorted by descending score inside each group; valid [G, M] marks real
-    entries. over[g, j, i] says box j ranks above box i and overlaps it by more than iou_thresh
-    (strictly, as torchvision). Greedy NMS keeps i iff no kept j suppresses it; iterating
-    keep <- valid & not any_j(keep[j] & over[j, i]) from keep = valid reaches that unique fixed point
-    (after t steps the first t ranks are right; in practice suppression chains are short).
-    One host synchronisation per iteration (the convergence test). Returns keep [G, M] (bool).
-    """
-    G, M = valid.shape
-    if G == 0 or M == 0:
-        return valid.clone()
-    dtype = torch.float16 if boxes.is_cuda else torch.float32
-    over = torch.empty((G, M, M), dtype=dtype, device=boxes.device)
-    above = torch.ones(M, M, dtype=torch.bool, device=boxes.device).triu_(1)
-    step = max(1, max_elements // (M * M))
-    for g in range(0, G, step):
-        b = boxes[g:g + step].float()
-        o = (_batched_iou(b, b) > iou_thresh) & above & valid[g:g + step, :, None]
-        over[g:g + step] = o
-    keep = valid
-    for _ in range(M + 1):
-        hit = torch.bmm(keep.to(dtype)[:, None, :], over)[:, 0] > 0
-        new = valid & ~hit
-        if torch.equal(new, keep):
-            break
-        keep = new
-    return keep
-
-
-def _sort_groups(scores: torch.Tensor, valid: torch.Tensor, *tensors: torch.Tensor):
-    """Sort each row of [G, M] groups by descending score, invalid entries last; the tensors
-    ([G, M] or [G, M, ...]) follow. Returns sorted scores (-inf where invalid), validity, order, tensors."""
-    s = scores.float().masked_fill(~valid, float("-inf"))
-    s, order = s.sort(dim=1, descending=True, stable=True)
-    out = [t.gather(1, order.reshape(order.shape + (1,) * (t.dim() - 2)).expand_as(t)) if t.dim() > 2
-           else t.gather(1, order) for t in tensors]
-    return s, valid.gather(1, order), order, out
 
 
 # --- keypoint heatmaps -> keypoints, batched ------------------------------------------------------
@@ -290,10 +163,12 @@ class BatchedViews:
     module docstring for what differs from torchvision and why)."""
 
     def __init__(self, model: nn.Module, *, fold_bn: bool = False, channels_last: bool = False,
-                 compile_backbone: bool = False):
+                 compile_backbone: bool = False, fuse_conv_relu: bool = False):
         self.model = model
         self.channels_last = channels_last
-        self.backbone = inference_backbone(model.backbone, fold=fold_bn, channels_last=channels_last)
+        # compiled, the backbone is left to inductor's own fusion (the fused cuDNN ops would be opaque to it)
+        self.backbone = inference_backbone(model.backbone, fold=fold_bn, channels_last=channels_last,
+                                           fuse=fuse_conv_relu and not compile_backbone)
         if compile_backbone:
             # torch.compile (inductor), one graph per input shape: each new shape compiles on first
             # use (seconds to tens of seconds), so this pays off for many images of few sizes
@@ -321,7 +196,7 @@ class BatchedViews:
         x = image_list.tensors
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _cudnn_autotuned(x.is_cuda):
+        with cudnn_autotuned(x.is_cuda):
             feats = self.backbone(x)
             if stop_after == "backbone":
                 return None
@@ -364,7 +239,7 @@ class BatchedViews:
         """NMS per (view, level), then each view's top post_nms_top_n: [V, N, 4] and validity."""
         rpn = self.model.rpn
         V, L, P = valid.shape
-        s, v, _, (b,) = _sort_groups(scores.reshape(V * L, P), valid.reshape(V * L, P), boxes.reshape(V * L, P, 4))
+        s, v, _, (b,) = sort_groups(scores.reshape(V * L, P), valid.reshape(V * L, P), boxes.reshape(V * L, P, 4))
         keep = padded_nms(b, v, rpn.nms_thresh)
         s = s.masked_fill(~keep, float("-inf")).reshape(V, L * P)
         n = min(rpn.post_nms_top_n(), L * P)
@@ -390,7 +265,7 @@ class BatchedViews:
         valid = prop_valid[..., None] & (scores > rh.score_thresh) & (ws >= 1e-2) & (hs >= 1e-2)
         # groups (view, class), each sorted by score
         G = V * (C - 1)
-        s, v, order, (b,) = _sort_groups(scores.transpose(1, 2).reshape(G, N), valid.transpose(1, 2).reshape(G, N),
+        s, v, order, (b,) = sort_groups(scores.transpose(1, 2).reshape(G, N), valid.transpose(1, 2).reshape(G, N),
                                          boxes.transpose(1, 2).reshape(G, N, 4))
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand_as(order))
         out = []

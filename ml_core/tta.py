@@ -154,9 +154,10 @@ class MultiTransformPredictor:
         self.fast = cuda if fast is None else fast
         if compile_backbone and not self.fast:
             raise ValueError("compiling the backbone needs the fast path (fast=True; the default on CUDA)")
-        # on CUDA the fast path's backbone is a copy with batch norms folded, in channels_last
+        # on CUDA the fast path's backbone is a copy with batch norms folded, conv + ReLU fused, in
+        # channels_last (ml_core.inference_backbone; measured in benchmarks/gpu_suite.py);
         # compile_backbone: torch.compile the fast path's backbone (one compile per input shape)
-        self.batched = BatchedViews(self.model, fold_bn=cuda, channels_last=cuda,
+        self.batched = BatchedViews(self.model, fold_bn=cuda, channels_last=cuda, fuse_conv_relu=cuda,
                                     compile_backbone=compile_backbone) if self.fast else None
 
     def _autocast(self):

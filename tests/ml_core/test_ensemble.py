@@ -104,19 +104,3 @@ def test_heatmaps_merge_only_the_views_a_box_keeps():
     with pytest.raises(ValueError, match="does not match"):
         ensemble_heatmaps([a, b], [False, False], None, "mean", keep[:, :1])
 
-
-def test_padded_nms_equals_greedy_nms_on_a_long_suppression_chain():
-    """Each box overlaps its neighbours (IoU 0.54) but not the next-but-one (0.25): greedy NMS
-    keeps every other box, which the fixed-point iteration must reproduce link by link."""
-    from torchvision.ops import batched_nms
-
-    from ml_core.ensemble import _padded_nms
-    n = 30
-    x = torch.arange(n, dtype=torch.float32) * 3
-    boxes = torch.stack([x, torch.zeros(n), x + 10, torch.full((n,), 10.0)], 1)
-    boxes = torch.cat([boxes, boxes + 100])                       # a second group, scores reversed
-    scores = torch.cat([torch.linspace(1, 0.1, n), torch.linspace(0.1, 1, n)])
-    groups = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
-    ours = _padded_nms(boxes, scores, groups, 2, 0.5)
-    assert ours.tolist() == batched_nms(boxes, scores, groups, 0.5).tolist()
-    assert len(ours) == 30

@@ -154,36 +154,6 @@ def test_batched_heatmap_decoding_equals_torchvision():
     assert torch.allclose(a, b, atol=1e-3) and torch.allclose(sa, sb, atol=1e-4)
 
 
-def test_padded_nms_equals_torchvision():
-    from torchvision.ops import nms
-    torch.manual_seed(0)
-    boxes = torch.rand(6, 50, 2) * 100
-    boxes = torch.cat([boxes, boxes + torch.rand(6, 50, 2) * 40], -1)
-    scores = torch.rand(6, 50)
-    valid = torch.rand(6, 50) > 0.2
-    s, v, order, (b,) = fast_rcnn._sort_groups(scores, valid, boxes)
-    keep = fast_rcnn.padded_nms(b, v, 0.5)
-    for g in range(6):
-        idx = valid[g].nonzero()[:, 0]
-        ref = idx[nms(boxes[g, idx], scores[g, idx], 0.5)]
-        assert torch.equal(order[g][keep[g]], ref)
-
-
-def test_folded_backbone_gives_the_same_features():
-    m = _model("fasterrcnn_resnet18_fpn")
-    m.backbone.body.bn1.running_mean.uniform_(-0.1, 0.1)   # non-trivial statistics
-    m.backbone.body.bn1.running_var.uniform_(0.5, 2.0)
-    fused = fast_rcnn.inference_backbone(m.backbone, fold=True, channels_last=True)
-    assert fast_rcnn.fold_batch_norms(fused) == 0           # all folded already
-    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in fused.modules())
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        a, b = m.backbone(x), fused(x.contiguous(memory_format=torch.channels_last))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4)
-    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.backbone.modules())  # the model is untouched
-
-
 def test_gpu_layout_keypoint_views_equal_the_plain_fast_path():
     """The CUDA configuration (folded backbone, channels_last backbone and keypoint head copies, the
     upsampling outside autocast) on the CPU: the same views as the fast path without it."""

@@ -1,0 +1,224 @@
+"""The copy of a detector's backbone that inference runs on a GPU (ml_core.fast_rcnn.BatchedViews).
+
+The model's own backbone is left untouched (training goes on with it); the copy is rewritten for
+speed with the same outputs up to float rounding:
+
+* `fold_batch_norms`: each eval-mode batch norm after a conv is folded into the conv's weights and
+  bias (no separate scale-and-shift pass over every activation; under autocast torchvision's
+  FrozenBatchNorm2d also ran that pass in float32).
+* `fuse_conv_relu` (optional): conv + bias + ReLU, and a ResNet block's last conv + bias + residual
+  + ReLU, as one cuDNN call each on CUDA (`aten::cudnn_convolution_relu` / `_add_relu`), so the
+  bias, the residual sum and the ReLU do not each read and write the whole activation again.
+  Elsewhere the fused modules run the same ops one after another.
+* channels_last memory format (cuDNN's fp16 kernels work in NHWC).
+* `cudnn_autotuned`: cudnn.benchmark around the backbone and the RPN head.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+
+# --- batch norms folded into the convolutions ----------------------------------------------------
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """conv followed by an eval-mode batch norm -> one conv with a bias."""
+    if isinstance(bn, nn.BatchNorm2d):
+        mean, var, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+        if w is None:
+            w = torch.ones_like(mean)
+        if b is None:
+            b = torch.zeros_like(mean)
+    else:  # torchvision.ops.FrozenBatchNorm2d
+        mean, var, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+    scale = w / torch.sqrt(var + eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    fused = fused.to(conv.weight.device, conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+        fused.bias.copy_((bias - mean) * scale + b)
+    return fused
+
+
+def _is_bn(m: nn.Module) -> bool:
+    from torchvision.ops import FrozenBatchNorm2d
+    return isinstance(m, FrozenBatchNorm2d) or (isinstance(m, nn.BatchNorm2d) and m.track_running_stats
+                                                and m.running_mean is not None)
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every batch norm that directly follows a conv into it, in place; returns how many.
+
+    Pairs: consecutive (Conv2d, BN) in an nn.Sequential, and attributes convN / bnN of one module
+    (torchvision's ResNet blocks and stem: conv1/bn1, ...). Anything else is left as it is."""
+    n = 0
+    for m in list(module.modules()):
+        if isinstance(m, nn.Sequential):
+            names = list(m._modules)
+            for a, b in zip(names, names[1:]):
+                conv, bn = m._modules[a], m._modules[b]
+                if isinstance(conv, nn.Conv2d) and _is_bn(bn):
+                    m._modules[a], m._modules[b] = _fold(conv, bn), nn.Identity()
+                    n += 1
+        for name in list(m._modules):
+            if name.startswith("conv") and f"bn{name[4:]}" in m._modules:
+                conv, bn = m._modules[name], m._modules[f"bn{name[4:]}"]
+                if isinstance(conv, nn.Conv2d) and _is_bn(bn):
+                    m._modules[name], m._modules[f"bn{name[4:]}"] = _fold(conv, bn), nn.Identity()
+                    n += 1
+    return n
+
+
+# --- conv + bias + ReLU (+ residual) as one cuDNN call ----------------------------------------------
+
+def _fusable(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+class _CudnnConv:
+    """A conv's weights in the dtype of the call (cast once per dtype: the copy is for inference),
+    and whether cuDNN runs its fused kernels here: a cuDNN without them raises on the first call,
+    and from then on the module runs the ops one after another (with a warning, once)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv = conv
+        self._cast: dict[torch.dtype, tuple] = {}
+        self.usable = True
+
+    def args(self, x: torch.Tensor):
+        """(x, weight, bias) in the precision the call runs in: autocast's on CUDA if enabled."""
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        if dtype not in self._cast:
+            c = self.conv
+            self._cast[dtype] = (c.weight.detach().to(dtype), None if c.bias is None else c.bias.detach().to(dtype))
+        w, b = self._cast[dtype]
+        return x.to(dtype), w, b
+
+    def geometry(self):
+        c = self.conv
+        return list(c.stride), list(c.padding), list(c.dilation), c.groups
+
+    def call(self, fused, x, *extra):
+        """fused(x, weight, *extra, bias, geometry...) on CUDA; None where it cannot run."""
+        if not (x.is_cuda and self.usable):
+            return None
+        try:
+            x, w, b = self.args(x)
+            if extra:      # cudnn_convolution_add_relu(x, w, z, alpha, bias, ...)
+                return fused(x, w, extra[0].to(x.dtype), 1.0, b, *self.geometry())
+            return fused(x, w, b, *self.geometry())
+        except RuntimeError as e:
+            self.usable = False
+            warnings.warn(f"cuDNN's fused convolution is not available here ({e}); running conv and ReLU apart")
+            return None
+
+
+class ConvReLU(nn.Module):
+    """relu(conv(x)): one cudnn_convolution_relu call on CUDA, the two ops elsewhere."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self._cudnn = _CudnnConv(conv)
+
+    def forward(self, x):
+        out = self._cudnn.call(torch.cudnn_convolution_relu, x)
+        return F.relu(self.conv(x)) if out is None else out
+
+
+class FusedResidualBlock(nn.Module):
+    """A torchvision ResNet block (Bottleneck or BasicBlock) with its batch norms folded:
+    every conv but the last with its ReLU, the last with the residual sum and the final ReLU
+    (cudnn_convolution_add_relu), as in the block's own forward."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        convs = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
+        self.inner = nn.Sequential(*(ConvReLU(c) for c in convs[:-1]))
+        self.last = convs[-1]
+        self.downsample = block.downsample
+        self._cudnn = _CudnnConv(self.last)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.inner(x)
+        fused = self._cudnn.call(torch.cudnn_convolution_add_relu, out, identity)
+        return F.relu(self.last(out) + identity) if fused is None else fused
+
+
+def _folded_block(block: nn.Module) -> bool:
+    names = ("bn1", "bn2") + (("bn3",) if isinstance(block, Bottleneck) else ())
+    return (all(isinstance(getattr(block, n), nn.Identity) for n in names)
+            and all(_fusable(getattr(block, f"conv{i}")) for i in range(1, len(names) + 1)))
+
+
+def fuse_conv_relu(module: nn.Module) -> int:
+    """In place, on a module whose batch norms are folded: torchvision ResNet blocks become
+    FusedResidualBlock, and a conv followed by a ReLU (with only folded-away Identity between)
+    among the children of an nn.Sequential or torchvision's IntermediateLayerGetter (containers
+    that run their children in order) becomes ConvReLU. Returns how many were fused."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    n = 0
+    for m in list(module.modules()):
+        for name, child in list(m._modules.items()):
+            if isinstance(child, (Bottleneck, BasicBlock)) and type(child) in (Bottleneck, BasicBlock) \
+                    and _folded_block(child):
+                m._modules[name] = FusedResidualBlock(child)
+                n += 1
+        if not isinstance(m, (nn.Sequential, IntermediateLayerGetter)):
+            continue
+        names = list(m._modules)
+        for i, name in enumerate(names):
+            conv = m._modules[name]
+            if not _fusable(conv):
+                continue
+            j = i + 1
+            while j < len(names) and isinstance(m._modules[names[j]], nn.Identity):
+                j += 1
+            if j < len(names) and isinstance(m._modules[names[j]], nn.ReLU):
+                m._modules[name], m._modules[names[j]] = ConvReLU(conv), nn.Identity()
+                n += 1
+    return n
+
+
+# --- the copy ---------------------------------------------------------------------------------------
+
+def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool, fuse: bool = False) -> nn.Module:
+    """A copy of the backbone for inference (the model's own is left untouched); fuse needs fold."""
+    if fuse and not fold:
+        raise ValueError("conv + ReLU fusion needs the batch norms folded first (fold=True)")
+    if not fold and not channels_last:
+        return backbone
+    b = copy.deepcopy(backbone).eval()
+    if fold:
+        fold_batch_norms(b)
+    if fuse:
+        fuse_conv_relu(b)
+    if channels_last:
+        b = b.to(memory_format=torch.channels_last)
+    return b
+
+
+@contextlib.contextmanager
+def cudnn_autotuned(enabled: bool):
+    """cudnn.benchmark for the backbone and the RPN head on CUDA: their input is a scale's padded
+    batch, one shape per scale when a group's images share a size (else one per new padded size),
+    so each shape gets its convolution algorithms chosen by timing once. Not for the RoI heads:
+    their batch is the number of boxes, new at every call, and re-tuning each (measured on an H100,
+    keypoint head) made the keypoint model 5x slower. The flag is process-wide in torch: set and
+    restored here, for inference from one thread per process (as the workers and the CLI run it)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -1,0 +1,61 @@
+"""ml_core.inference_backbone: the GPU's backbone copy gives the model's features."""
+import pytest
+import torch
+
+from ml_core.inference_backbone import (ConvReLU, FusedResidualBlock, fold_batch_norms, fuse_conv_relu,
+                                        inference_backbone)
+from ml_core.models import build_model
+
+
+def _model(arch):
+    torch.manual_seed(0)
+    m, _ = build_model(arch, 3, 0, min_size=64, max_size=64)
+    return m.eval()
+
+
+def test_folded_backbone_gives_the_same_features():
+    m = _model("fasterrcnn_resnet18_fpn")
+    m.backbone.body.bn1.running_mean.uniform_(-0.1, 0.1)   # non-trivial statistics
+    m.backbone.body.bn1.running_var.uniform_(0.5, 2.0)
+    fused = inference_backbone(m.backbone, fold=True, channels_last=True)
+    assert fold_batch_norms(fused) == 0           # all folded already
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in fused.modules())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = m.backbone(x), fused(x.contiguous(memory_format=torch.channels_last))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4)
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.backbone.modules())  # the model is untouched
+
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_tiny"])
+def test_fused_backbone_gives_the_same_features(arch):
+    m = _model(arch)
+    for bn in m.backbone.modules():                          # non-trivial statistics everywhere
+        if hasattr(bn, "running_var") and bn.running_var is not None:
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+    fused = inference_backbone(m.backbone, fold=True, channels_last=True, fuse=True)
+    blocks = sum(isinstance(x, FusedResidualBlock) for x in fused.modules())
+    stems = sum(isinstance(x, ConvReLU) for x in fused.modules())
+    if arch == "fasterrcnn_tiny":
+        assert blocks == 0 and stems == 4                   # its four conv-BN-ReLU layers
+    else:
+        assert blocks == (8 if "18" in arch else 16) and stems >= 1
+    assert not any(isinstance(x, torch.nn.ReLU) for x in fused.modules() if not isinstance(x, torch.nn.Identity))
+    assert fuse_conv_relu(fused) == 0                        # nothing left to fuse
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = m.backbone(x), fused(x.contiguous(memory_format=torch.channels_last))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_needs_folded_batch_norms():
+    m = _model("fasterrcnn_resnet18_fpn")
+    with pytest.raises(ValueError, match="folded"):
+        inference_backbone(m.backbone, fold=False, channels_last=False, fuse=True)
+    copy = inference_backbone(m.backbone, fold=False, channels_last=True)
+    assert fuse_conv_relu(copy) == 0                         # batch norms between conv and ReLU: left alone
+    assert fold_batch_norms(copy) > 0
