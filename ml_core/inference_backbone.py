@@ -84,6 +84,10 @@ def _fusable(conv: nn.Module) -> bool:
             and not isinstance(conv.padding, str))
 
 
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
 class _CudnnConv:
     """A conv's weights in the dtype of the call (cast once per dtype: the copy is for inference),
     and whether cuDNN runs its fused kernels here: a cuDNN without them raises on the first call,
@@ -109,13 +113,15 @@ class _CudnnConv:
 
     def call(self, fused, x, *extra):
         """fused(x, weight, *extra, bias, geometry...) on CUDA; None where it cannot run."""
-        if not (x.is_cuda and self.usable):
+        if not (_on_cuda(x) and self.usable):
             return None
         try:
             x, w, b = self.args(x)
             if extra:      # cudnn_convolution_add_relu(x, w, z, alpha, bias, ...)
                 return fused(x, w, extra[0].to(x.dtype), 1.0, b, *self.geometry())
             return fused(x, w, b, *self.geometry())
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError as e:
             self.usable = False
             warnings.warn(f"cuDNN's fused convolution is not available here ({e}); running conv and ReLU apart")

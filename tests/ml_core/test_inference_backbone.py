@@ -59,3 +59,51 @@ def test_fusion_needs_folded_batch_norms():
     copy = inference_backbone(m.backbone, fold=False, channels_last=True)
     assert fuse_conv_relu(copy) == 0                         # batch norms between conv and ReLU: left alone
     assert fold_batch_norms(copy) > 0
+
+
+def test_the_fused_calls_get_their_arguments_in_cudnns_order(monkeypatch):
+    """The CUDA branch on the CPU: the cuDNN ops replaced by the same math in torch, so the
+    arguments' order (weights, residual, alpha, bias, stride, padding, ...) is checked here."""
+    import ml_core.inference_backbone as ib
+    from torch.nn import functional as F
+
+    def conv_relu(x, w, b, stride, padding, dilation, groups):
+        return F.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
+        return F.relu(F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z)
+
+    m = _model("fasterrcnn_resnet18_fpn")
+    fused = inference_backbone(m.backbone, fold=True, channels_last=False, fuse=True)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = m.backbone(x)
+        monkeypatch.setattr(ib, "_on_cuda", lambda t: True)
+        calls = []
+        monkeypatch.setattr(torch, "cudnn_convolution_relu", lambda *a: calls.append(1) or conv_relu(*a))
+        monkeypatch.setattr(torch, "cudnn_convolution_add_relu", lambda *a: calls.append(2) or conv_add_relu(*a))
+        got = fused(x)
+    assert calls.count(2) == 8 and calls.count(1) == 1 + 8      # 8 blocks' last convs; stem + 8 first convs
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-4, rtol=1e-4)
+
+
+def test_a_cudnn_without_the_fused_kernels_falls_back_to_separate_ops(monkeypatch):
+    import ml_core.inference_backbone as ib
+
+    def missing(*a):
+        raise RuntimeError("no fused kernel for this configuration")
+
+    m = _model("fasterrcnn_resnet18_fpn")
+    fused = inference_backbone(m.backbone, fold=True, channels_last=False, fuse=True)
+    x = torch.rand(1, 3, 64, 64)
+    monkeypatch.setattr(ib, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", missing)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", missing)
+    with torch.no_grad(), pytest.warns(UserWarning, match="not available"):
+        got = fused(x)
+        want = m.backbone(x)
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-4, rtol=1e-4)
+    stem = next(x for x in fused.modules() if isinstance(x, ConvReLU))
+    assert not stem._cudnn.usable                              # not tried again
