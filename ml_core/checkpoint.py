@@ -92,8 +92,9 @@ def load_state(model: torch.nn.Module, ckpt: dict, name: str = "checkpoint"):
     ValueError says what does not fit. A checkpoint of an earlier layout of its architecture (e.g.
     keypointrcnn_tiny before its stride-4 keypoint map) lacks the layers added since: it is refused,
     never run with those layers at their random initialisation."""
-    state, meta = ckpt["model"], ckpt["meta"]
-    what = f"a {meta['arch']} with {len(meta['categories'])} categories"
+    state, meta = ckpt["model"], ckpt.get("meta") or {}
+    arch = meta.get("arch", "model")
+    what = f"a {arch}" + (f" with {len(meta['categories'])} categories" if "categories" in meta else "")
     missing = [k for k in model.state_dict() if k not in state]
     try:
         model.load_state_dict(state)
@@ -101,5 +102,5 @@ def load_state(model: torch.nn.Module, ckpt: dict, name: str = "checkpoint"):
         if missing:
             listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ValueError(f"{name}: the weights do not fit {what}: they lack {listed} (a checkpoint of an "
-                             f"earlier version of {meta['arch']}? train it again)") from None
+                             f"earlier version of {arch}? train it again)") from None
         raise ValueError(f"{name}: the weights do not fit {what} ({' '.join(str(e).split())[:200]})") from None

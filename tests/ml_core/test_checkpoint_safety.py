@@ -112,3 +112,11 @@ def test_saved_checkpoints_hold_plain_values_only(tmp_path):
     assert ck["meta"]["metrics"]["AP"] == 12.5 and type(ck["meta"]["metrics"]["AP"]) is float
     with pytest.raises(TypeError, match="plain values"):
         save_checkpoint(tmp_path / "n.pt", m, {**meta, "x": object()})
+
+
+def test_a_training_checkpoint_without_metadata_that_does_not_fit_says_so():
+    """fit() may run without metadata (meta {}): a resume that does not fit is a ValueError too."""
+    from ml_core.checkpoint import load_state
+    m = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="lack bias"):
+        load_state(m, {"model": {"weight": torch.zeros(2, 2)}, "meta": {}})
