@@ -56,7 +56,7 @@ def agreement(a_boxes, a_scores, b_boxes, b_scores):
 
 
 def measure(images: int = 300, device: str = "cpu", *, eb_nms=None, eb_wbf=None, max_seconds: float | None = None,
-            batch: int = 64, per_view: int = 100, wbf: bool = True) -> dict:
+            batch: int = 64, per_view: int = 100, wbf: bool = True, detections_per_img: int = 10 ** 6) -> dict:
     """Images/s of every method on the same seeded inputs, agreement and speed-ups.
 
     eb_nms and eb_wbf are ensemble-boxes' nms and weighted_boxes_fusion; a method left None is left
@@ -97,7 +97,8 @@ def measure(images: int = 300, device: str = "cpu", *, eb_nms=None, eb_wbf=None,
                 cache.clear()
                 group = tensors[start:start + batch]
                 cache[start] = ensemble_boxes_batch([t[0] for t in group], [t[1] for t in group], [t[2] for t in group],
-                                                    num_views=8, method=method, score_thresh=0.0, detections_per_img=10 ** 6,
+                                                    num_views=8, method=method, score_thresh=0.0,
+                                                    detections_per_img=detections_per_img,
                                                     padded=True)
             return cache[start][i - start]
         fn.cache = cache
@@ -106,12 +107,14 @@ def measure(images: int = 300, device: str = "cpu", *, eb_nms=None, eb_wbf=None,
     ours = {
         "distill nms, padded batch": batched("nms"),
         "distill nms+vote, padded batch": batched("nms_vote"),
-        "distill nms": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms", score_thresh=0.0, detections_per_img=10 ** 6),
-        "distill nms+vote": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms_vote", score_thresh=0.0, detections_per_img=10 ** 6),
+        "distill nms": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms", score_thresh=0.0,
+                                                detections_per_img=detections_per_img),
+        "distill nms+vote": lambda i: ensemble_boxes(*tensors[i], num_views=8, method="nms_vote", score_thresh=0.0,
+                                                     detections_per_img=detections_per_img),
     }
     if wbf:
         ours["distill wbf"] = lambda i: ensemble_boxes(*tensors[i], num_views=8, method="wbf", score_thresh=0.0,
-                                                       wbf_thresh=0.55, detections_per_img=10 ** 6)
+                                                       wbf_thresh=0.55, detections_per_img=detections_per_img)
     theirs = {}
     if eb_nms is not None:
         theirs["ensemble-boxes nms"] = lambda i: eb_nms([b / norm for b in data[i][0]], data[i][1], data[i][2], iou_thr=0.5)
@@ -144,7 +147,8 @@ def measure(images: int = 300, device: str = "cpu", *, eb_nms=None, eb_wbf=None,
         if a in results and b in results:
             speedup[key] = round(results[a] / results[b], digits)
     return {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
-            "images": images, "input": f"8 views x {per_view} boxes, 3 classes, 640x480", "images_per_second": results,
+            "images": images, "input": f"8 views x {per_view} boxes, 3 classes, 640x480",
+            "detections_per_img": detections_per_img, "images_per_second": results,
             "images_timed": counted, "speedup": speedup, "agreement": agree}
 
 

@@ -820,10 +820,11 @@ def step_ensembling(ctx: StepContext, p: dict):
                 + (f" | wbf ours {ips['distill wbf']} / theirs {ips['ensemble-boxes wbf']}" if eb_wbf else ""))
     ctx.save()
     # a pre-NMS union's size (up to 1,000 boxes per view before NMS, ml_core.tta's default for box
-    # models; fewer in the smoke test), in groups of 8 images as ml_core.tta has them: our two paths
+    # models; fewer in the smoke test), in groups of 8 images keeping 100 per image as ml_core.tta
+    # has them: our two paths
     if ctx.left() > 4:
         u = measure(p["union_images"], str(ctx.device), max_seconds=ctx.left() / 5, batch=min(p["batch"], 8),
-                    per_view=p["union_per_view"], wbf=False)
+                    per_view=p["union_per_view"], wbf=False, detections_per_img=100)
         ctx.fig["pre_nms_union"] = u
         ui = u["images_per_second"]
         ctx.summary(ctx.rec["summary"] + f" | union of 8 x {p['union_per_view']}: padded {ui['distill nms+vote, padded batch']} "

@@ -124,7 +124,8 @@ class _CudnnConv:
             raise
         except RuntimeError as e:
             self.usable = False
-            warnings.warn(f"cuDNN's fused convolution is not available here ({e}); running conv and ReLU apart")
+            warnings.warn(f"cuDNN's fused convolution is not available here ({e}); running conv and ReLU apart",
+                          stacklevel=3)
             return None
 
 
