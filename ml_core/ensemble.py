@@ -168,8 +168,8 @@ def ensemble_boxes_batch(boxes: list[torch.Tensor], scores: list[torch.Tensor], 
     NMS as a fixed point over a padded batch of IoU matrices (ml_core.nms), box voting on the same
     IoU matrices; groups of similar size are padded together, a chunk at a time (CHUNK_ELEMENTS).
     That is meant for a GPU, where per-image kernel launches dominate; on the CPU the padding costs
-    more than it saves (benchmarks/ensemble_throughput.py), so the default (None) pads on CUDA only. WBF, being sequential,
-    always goes one image at a time."""
+    more than it saves (benchmarks/ensemble_throughput.py), so the default (None) pads on CUDA
+    only. WBF, being sequential, always goes one image at a time."""
     _check_choice(method, BOX_METHODS, "box ensembling method")
     _check_choice(vote_scoring, VOTE_SCORING, "vote scoring")
     n = len(boxes)

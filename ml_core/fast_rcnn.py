@@ -22,9 +22,9 @@ torchvision path) but is organised for a GPU:
   chunk of RoIs with two batched matmuls.
 * On CUDA the backbone runs on a copy of itself with batch norms folded into the convolutions,
   conv + bias + ReLU fused into single cuDNN calls and in channels_last memory format
-  (`ml_core.inference_backbone`), with cudnn.benchmark
-  and optionally torch.compile'd (both pay per new input shape); the keypoint head runs on a channels_last copy; on the CPU the
-  model's own modules run.
+  (`ml_core.inference_backbone`), with cudnn.benchmark and optionally torch.compile'd (both pay
+  per new input shape); the keypoint head runs on a channels_last copy; on the CPU the model's
+  own modules run.
 * A pre-NMS union (`run(shown=...)`) post-processes the box head's outputs twice: without NMS for
   the union, with the model's own NMS for the views shown.
 
