@@ -325,14 +325,7 @@ def agreement_padded(view_boxes: torch.Tensor, view_labels: torch.Tensor, view_v
     if E == 0 or D == 0:
         iou = view_boxes.new_zeros((n, E, V))
     else:
-        vb = view_boxes.float().reshape(n, V * D, 4)
-        area_e = (ens_boxes[..., 2] - ens_boxes[..., 0]) * (ens_boxes[..., 3] - ens_boxes[..., 1])
-        area_v = (vb[..., 2] - vb[..., 0]) * (vb[..., 3] - vb[..., 1])
-        lt = torch.maximum(ens_boxes[:, :, None, :2], vb[:, None, :, :2])
-        rb = torch.minimum(ens_boxes[:, :, None, 2:], vb[:, None, :, 2:])
-        wh = (rb - lt).clamp_min(0)
-        inter = wh[..., 0] * wh[..., 1]
-        iou = inter / (area_e[:, :, None] + area_v[:, None, :] - inter)
+        iou = nms.batched_iou(ens_boxes.float(), view_boxes.float().reshape(n, V * D, 4), eps=0.0)
         same = (ens_labels[:, :, None] == view_labels.reshape(n, 1, V * D)) & view_valid.reshape(n, 1, V * D)
         iou = torch.where(same, iou, torch.zeros_like(iou)).reshape(n, E, V, D).amax(-1)   # [n, E, V]
     total = (iou * ens_valid[:, :, None]).sum((1, 2))
