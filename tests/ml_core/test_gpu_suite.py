@@ -43,10 +43,17 @@ def test_smoke_runs_every_step_with_figures_and_no_error(tmp_path):
         assert f["hand_loop_cudnn_benchmark"]["images_per_s"] > 0
         assert f["baseline_images_per_s"] >= f["hand_loop"]["images_per_s"]
         assert f["profile"]["top"] and all(r["self_ms"] >= 0 for r in f["profile"]["top"])
+        split = f["predict_split"]["ms_per_image"]
+        assert {"views_forward", "box_ensembling", "agreement", "host_copy_and_results"} <= set(split)
+        assert split["views_forward"] > 0 and ("keypoint_ensembling" in split) == (name == "tta_keypointrcnn")
+        assert f["ml_core_tta_unfused_backbone"]["images_per_s"] > 0
+        assert f["ml_core_tta_unfused_backbone"]["features_max_rel_diff_fused"] < 1e-3   # the CPU: the same ops
     f = report["steps"]["tta_fasterrcnn"]["figures"]
     assert f["ml_core_tta"]["union"] == "pre_nms" and f["ml_core_tta_post_nms_union"]["images_per_s"] > 0
     ips = report["steps"]["box_ensembling"]["figures"]["images_per_second"]
     assert ips["distill nms+vote, padded batch"] > 0 and ips["distill nms+vote"] > 0
+    union = report["steps"]["box_ensembling"]["figures"]["pre_nms_union"]
+    assert union["detections_per_img"] == 100 and union["images_per_second"]["distill nms+vote, padded batch"] > 0
     f = report["steps"]["train_pipeline"]["figures"]
     assert f["pipeline_images_per_s"] > 0 and f["in_memory_images_per_s"] > 0
     ap = report["steps"]["distillation"]["figures"]["ap"]
