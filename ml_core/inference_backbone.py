@@ -89,22 +89,24 @@ def _on_cuda(x: torch.Tensor) -> bool:
 
 
 class _CudnnConv:
-    """A conv's weights in the dtype of the call (cast once per dtype: the copy is for inference),
-    and whether cuDNN runs its fused kernels here: a cuDNN without them raises on the first call,
-    and from then on the module runs the ops one after another (with a warning, once)."""
+    """A conv's weights in the dtype of the call (cast once per dtype and device: the copy is for
+    inference, its weights do not change), and whether cuDNN runs its fused kernels here: a cuDNN
+    without them raises on the first call, and from then on the module runs the ops one after
+    another (with a warning, once)."""
 
     def __init__(self, conv: nn.Conv2d):
         self.conv = conv
-        self._cast: dict[torch.dtype, tuple] = {}
+        self._cast: dict[tuple, tuple] = {}
         self.usable = True
 
     def args(self, x: torch.Tensor):
         """(x, weight, bias) in the precision the call runs in: autocast's on CUDA if enabled."""
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        if dtype not in self._cast:
-            c = self.conv
-            self._cast[dtype] = (c.weight.detach().to(dtype), None if c.bias is None else c.bias.detach().to(dtype))
-        w, b = self._cast[dtype]
+        c = self.conv
+        key = (dtype, c.weight.device)                  # a copy moved elsewhere casts again
+        if key not in self._cast:
+            self._cast[key] = (c.weight.detach().to(dtype), None if c.bias is None else c.bias.detach().to(dtype))
+        w, b = self._cast[key]
         return x.to(dtype), w, b
 
     def geometry(self):
