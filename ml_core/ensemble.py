@@ -214,7 +214,7 @@ def ensemble_boxes_flat(B: torch.Tensor, S: torch.Tensor, L: torch.Tensor, img: 
         b, s = B[rows], S[rows]
         iou = nms.batched_iou(b, b)
         over = (iou > nms_thresh) & nms.ranked_above(width, dev) & valid[:, :, None]
-        k = nms.suppression_fixed_point(over.to(torch.float16) if B.is_cuda else over, valid)
+        k = nms.suppression_fixed_point(over, valid)
         if method == "nms_vote":          # every row voted on, only the kept ones used
             b, s = _vote(iou, b, s, s, vote_thresh, vote_scoring, valid)
         kept_rows.append(rows[k])

@@ -266,7 +266,7 @@ class BatchedViews:
         # groups (view, class), each sorted by score
         G = V * (C - 1)
         s, v, order, (b,) = sort_groups(scores.transpose(1, 2).reshape(G, N), valid.transpose(1, 2).reshape(G, N),
-                                         boxes.transpose(1, 2).reshape(G, N, 4))
+                                        boxes.transpose(1, 2).reshape(G, N, 4))
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand_as(order))
         out = []
         for nms_thresh, D in settings:

@@ -38,11 +38,12 @@ def suppression_fixed_point(over: torch.Tensor, valid: torch.Tensor) -> torch.Te
     suppresses it; iterating keep <- valid & not any_j(keep[j] & over[j, i]) from keep = valid
     reaches that unique fixed point (entry i depends only on the entries ranked above it, so after
     t steps the first t ranks are right; real suppression chains are a few boxes long). One host
-    synchronisation per iteration (the convergence test). over may be bool or, faster on CUDA as
-    a batched matrix product, float16. Returns keep [G, M] (bool)."""
-    dtype = over.dtype if over.dtype != torch.bool else torch.float32
+    synchronisation per iteration (the convergence test). over is bool (made float16 on CUDA,
+    where the products run on the tensor cores, float32 elsewhere) or already one of those.
+    Returns keep [G, M] (bool)."""
     if over.dtype == torch.bool:
-        over = over.to(dtype)
+        over = over.to(torch.float16 if over.is_cuda else torch.float32)
+    dtype = over.dtype
     keep = valid
     for _ in range(valid.shape[1] + 1):
         hit = torch.bmm(keep.to(dtype)[:, None, :], over)[:, 0] > 0
