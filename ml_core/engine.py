@@ -210,7 +210,9 @@ class Validation:
         every = state.eval_every or self.cfg.eval_every
         if not every:  # first evaluation, to measure what one costs
             return it == max(10, min(50, state.config.iterations // 20))
-        return it % every == 0
+        if not state.val_history:
+            return it % every == 0
+        return it - state.val_history[-1]["iteration"] >= every
 
     def run(self, model: torch.nn.Module, state: TrainState, lr: float, seconds_per_iter: float):
         """Evaluate; keep the best; return 'drop', 'stop' or None."""
@@ -221,10 +223,11 @@ class Validation:
         finally:
             model.train()
         spent = time.time() - t
-        if not state.eval_every:
-            # evaluation costs about a tenth of the training between two evaluations
+        if not self.cfg.eval_every:
+            # evaluation costs about a tenth of the training between two evaluations, re-measured at each one:
+            # the first (a barely trained model, many low-score detections) costs several times what later ones do
             n = math.ceil(10 * spent / max(seconds_per_iter, 1e-6))
-            state.eval_every = int(self.cfg.eval_every or max(10, min(n, max(10, state.config.iterations // 5))))
+            state.eval_every = int(max(10, min(n, max(10, state.config.iterations // 5))))
         state.val_history.append({"iteration": state.iteration, "AP": round(ap, 3), "lr": lr,
                                   "time": round(time.time() - state.started, 2), "seconds": round(spent, 2)})
         if state.best is None or ap > state.best["AP"] + self.cfg.min_delta:
