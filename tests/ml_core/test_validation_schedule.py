@@ -71,6 +71,24 @@ def test_automatic_eval_interval_keeps_evaluation_near_a_tenth(det_data):
     assert state.val_history[0]["iteration"] == 10 and state.eval_every >= 10
 
 
+def test_automatic_eval_interval_follows_the_latest_evaluation(det_data):
+    import time
+
+    calls = []
+
+    def first_slow(model):  # a barely trained model's evaluation costs more than later ones
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return float(len(calls))
+    model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    state = fit(model, _dataset(det_data), _cfg(iterations=60, eval_every=0, schedule="steps"), validate=first_slow)
+    # the first evaluation sets the interval to its bound (60 // 5); the cheap second one brings it to 10,
+    # and each evaluation counts from the last one
+    assert [v["iteration"] for v in state.val_history] == [10, 22, 32, 42, 52, 60]
+    assert state.eval_every == 10
+
+
 def test_plateau_needs_a_validation_set(det_data):
     model, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
     with pytest.raises(ValueError, match="validation set"):
