@@ -62,7 +62,7 @@ def _vote(iou, all_boxes, all_scores, kept_scores, vote_thresh: float, scoring: 
     voters = iou >= vote_thresh
     if valid is not None:
         voters &= valid[..., None, :]
-    w = voters.to(all_scores.dtype) * all_scores[..., None, :]
+    w = torch.where(voters, all_scores[..., None, :], 0.0)
     boxes = (w @ all_boxes) / w.sum(-1, keepdim=True).clamp_min(1e-12)
     if scoring == "id":
         scores = kept_scores

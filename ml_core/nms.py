@@ -17,14 +17,15 @@ import torch
 def batched_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """[G, K, 4] x [G, N, 4] -> [G, K, N]. eps=0 divides exactly as torchvision's NMS kernels do
     (what the detector's own NMS must match); the default keeps empty boxes from dividing by 0."""
+    # the same arithmetic as torchvision's kernels, in place on [G, K, N] matrices: these matrices are
+    # the padded path's largest memory traffic (benchmarks/union_groups.py)
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    wh = (rb - lt).clamp_min_(0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, :, None] + area_b[:, None, :] - inter
-    return inter / (union.clamp_min_(eps) if eps else union)
+    inter = torch.minimum(a[:, :, None, 2], b[:, None, :, 2]).sub_(torch.maximum(a[:, :, None, 0], b[:, None, :, 0]))
+    h = torch.minimum(a[:, :, None, 3], b[:, None, :, 3]).sub_(torch.maximum(a[:, :, None, 1], b[:, None, :, 1]))
+    inter.clamp_min_(0).mul_(h.clamp_min_(0))
+    union = (area_a[:, :, None] + area_b[:, None, :]).sub_(inter)
+    return inter.div_(union.clamp_min_(eps) if eps else union)
 
 
 def ranked_above(m: int, device) -> torch.Tensor:
@@ -32,7 +33,7 @@ def ranked_above(m: int, device) -> torch.Tensor:
     return torch.ones(m, m, dtype=torch.bool, device=device).triu_(1)
 
 
-def suppression_fixed_point(over: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def suppression_fixed_point(over: torch.Tensor, valid: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     """Greedy NMS from its overlap matrices: over[g, j, i] says box j ranks above box i in group g
     and overlaps it by more than the threshold (j valid). Greedy NMS keeps i iff no kept j
     suppresses it; iterating keep <- valid & not any_j(keep[j] & over[j, i]) from keep = valid
@@ -40,17 +41,20 @@ def suppression_fixed_point(over: torch.Tensor, valid: torch.Tensor) -> torch.Te
     t steps the first t ranks are right; real suppression chains are a few boxes long). One host
     synchronisation per iteration (the convergence test). over is bool (made float16 on CUDA,
     where the products run on the tensor cores, float32 elsewhere) or already one of those.
-    Returns keep [G, M] (bool)."""
+    Returns keep [G, M] (bool); with `stats`, adds the steps taken to stats["steps"]."""
     if over.dtype == torch.bool:
         over = over.to(torch.float16 if over.is_cuda else torch.float32)
     dtype = over.dtype
-    keep = valid
-    for _ in range(valid.shape[1] + 1):
+    keep, step = valid, 0
+    while step <= valid.shape[1]:
+        step += 1
         hit = torch.bmm(keep.to(dtype)[:, None, :], over)[:, 0] > 0
         new = valid & ~hit
         if torch.equal(new, keep):
             break
         keep = new
+    if stats is not None:
+        stats["steps"] = stats.get("steps", 0) + step
     return keep
 
 
