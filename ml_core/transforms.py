@@ -47,14 +47,18 @@ class Compose:
 
 
 class RandomHorizontalFlip:
-    """Flips the image, its boxes and its keypoints (left/right swapped) together."""
+    """Flips the image, its boxes and its keypoints (left/right swapped) together.
+
+    The coin comes from `rng` if given, else from torch's generator: the one fit() seeds, or in a
+    DataLoader worker the one the loader seeds for that worker, so the same seed draws the same
+    flips (a Random() of its own was seeded from the OS and copied alike into every worker)."""
 
     def __init__(self, p: float = 0.5, flip_inds: list[int] | None = None, rng: random.Random | None = None):
-        self.p, self.flip_inds = p, flip_inds
-        self.rng = rng or random.Random()
+        self.p, self.flip_inds, self.rng = p, flip_inds, rng
 
     def __call__(self, image, target):
-        if self.rng.random() >= self.p:
+        coin = self.rng.random() if self.rng is not None else float(torch.rand(()))
+        if coin >= self.p:
             return image, target
         width = image.shape[-1]
         image = image.flip(-1)

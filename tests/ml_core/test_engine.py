@@ -112,6 +112,19 @@ def test_keypoint_teacher_trains_with_flip_augmentation(kp_data, tmp_path):
     assert torch.isfinite(torch.tensor(state.losses["loss"]))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_same_seed_trains_the_same_weights(kp_data, tmp_path, workers):
+    """Flip augmentation draws from torch's seeded generators (fit's, or each loader worker's)."""
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / f"{run}.pt"
+        pipeline.train(str(kp_data / "labeled.json"), str(kp_data / "labeled"), str(out), arch="keypointrcnn_tiny",
+                       config=_cfg(iterations=4, num_workers=workers), device="cpu")
+        weights.append(read_checkpoint(out)["model"])
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
+
+
 def test_two_process_data_parallel_training_under_torchrun(det_data, tmp_path):
     """The multi-GPU path (torchrun + DistributedDataParallel), run small on the CPU with gloo."""
     import os
