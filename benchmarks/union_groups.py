@@ -62,10 +62,6 @@ def timed(sync, fn, *args, **kwargs):
     return out, (time.perf_counter() - t) * 1000
 
 
-def overlaps(iou, thresh, width, valid):
-    return (iou > thresh) & nms.ranked_above(width, iou.device) & valid[:, :, None]
-
-
 def parts(B, S, L, img, n, kw, sync) -> dict:
     """ensemble_boxes_flat's per-chunk work, one part at a time."""
     keep = S >= kw["score_thresh"]
@@ -79,7 +75,7 @@ def parts(B, S, L, img, n, kw, sync) -> dict:
         b, s = B[rows], S[rows]
         iou, t = timed(sync, nms.batched_iou, b, b)
         ms["iou"] += t
-        over, t = timed(sync, overlaps, iou, kw["nms_thresh"], width, valid)
+        over, t = timed(sync, nms.suppressors, iou, kw["nms_thresh"], valid)
         ms["overlap_mask"] += t
         stats = {}
         _, t = timed(sync, nms.suppression_fixed_point, over, valid, stats)

@@ -213,7 +213,7 @@ def ensemble_boxes_flat(B: torch.Tensor, S: torch.Tensor, L: torch.Tensor, img: 
         rows, valid = nms.chunk_rows(order, counts, starts, groups, width)
         b, s = B[rows], S[rows]
         iou = nms.batched_iou(b, b)
-        over = (iou > nms_thresh) & nms.ranked_above(width, dev) & valid[:, :, None]
+        over = nms.suppressors(iou, nms_thresh, valid)
         k = nms.suppression_fixed_point(over, valid)
         if method == "nms_vote":          # every row voted on, only the kept ones used
             b, s = _vote(iou, b, s, s, vote_thresh, vote_scoring, valid)

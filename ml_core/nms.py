@@ -33,6 +33,15 @@ def ranked_above(m: int, device) -> torch.Tensor:
     return torch.ones(m, m, dtype=torch.bool, device=device).triu_(1)
 
 
+def suppressors(iou: torch.Tensor, iou_thresh: float, valid: torch.Tensor,
+                above: torch.Tensor | None = None) -> torch.Tensor:
+    """[G, M, M] bool, entry (g, j, i): box j of group g can suppress box i, being valid, ranked
+    above it (`above`, ranked_above(M), if already made) and overlapping it by more than iou_thresh."""
+    if above is None:
+        above = ranked_above(iou.shape[-1], iou.device)
+    return (iou > iou_thresh) & above & valid[:, :, None]
+
+
 def suppression_fixed_point(over: torch.Tensor, valid: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     """Greedy NMS from its overlap matrices: over[g, j, i] says box j ranks above box i in group g
     and overlaps it by more than the threshold (j valid). Greedy NMS keeps i iff no kept j
@@ -75,7 +84,7 @@ def padded_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
     step = max(1, max_elements // (M * M))
     for g in range(0, G, step):
         b = boxes[g:g + step].float()
-        over[g:g + step] = (batched_iou(b, b, eps=0.0) > iou_thresh) & above & valid[g:g + step, :, None]
+        over[g:g + step] = suppressors(batched_iou(b, b, eps=0.0), iou_thresh, valid[g:g + step], above)
     return suppression_fixed_point(over, valid)
 
 
