@@ -60,7 +60,10 @@ def _add_train_options(p: argparse.ArgumentParser):
     p.add_argument("--patience", type=int, default=4, help="evaluations without a new best before the rate drops")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up iterations")
     p.add_argument("--ratio", default="6:4", help="labeled:pseudo images per minibatch (student only)")
-    p.add_argument("--min-size", type=int, default=None, help="training shorter side (default: the data's median)")
+    p.add_argument("--min-size", type=int, default=None, help="the model's shorter side (default: the data's median)")
+    p.add_argument("--train-scales", type=_fractions, default=None,
+                   help="shorter sides while training, as fractions of --min-size, e.g. 0.8,0.9,1 (default: "
+                        "Detectron's 0.8-1.0 in six steps for keypoint models, 1 for box models)")
     p.add_argument("--weights", default=None, help="initial weights file (torchvision COCO/ImageNet or ours)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--workers", type=int, default=None,
@@ -68,6 +71,13 @@ def _add_train_options(p: argparse.ArgumentParser):
                         "image-decoding threads for inference (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions separated by commas, got {text!r}") from None
 
 
 def _iterations(text: str):
@@ -89,7 +99,8 @@ def _train_config(args, iterations: int | None = None, **over):
     return TrainConfig(iterations=n, batch_size=args.batch_size, lr=args.lr, ratio=args.ratio,
                        warmup_iters=args.warmup if iterations is None else min(args.warmup, max(1, n // 4)),
                        num_workers=args.workers, seed=args.seed, schedule=args.schedule, eval_every=args.eval_every,
-                       patience=args.patience, checkpoint_every=0 if iterations is None else max(50, n // 10), **over)
+                       patience=args.patience, train_scales=args.train_scales,
+                       checkpoint_every=0 if iterations is None else max(50, n // 10), **over)
 
 
 def cmd_models(args):

@@ -69,6 +69,9 @@ class TrainConfig:
     patience: int = 4
     # an evaluation must beat the best by this many AP points to count as better
     min_delta: float = 0.1
+    # shorter sides drawn at random for each training minibatch, as fractions of the model's own
+    # size (evaluation and inference keep that size); None: the task's default (train_scales_for)
+    train_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.iterations < 1:
@@ -91,6 +94,10 @@ class TrainConfig:
             raise ValueError("eval_every must be >= 0 and patience >= 1")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if self.train_scales is not None:
+            self.train_scales = tuple(float(f) for f in self.train_scales)
+            if not self.train_scales or any(not 0.25 <= f <= 4 for f in self.train_scales):
+                raise ValueError(f"train_scales are fractions of the model's size in [0.25, 4], got {self.train_scales}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         if "steps" in d:
             d["steps"] = tuple(d["steps"])
+        if d.get("train_scales") is not None:
+            d["train_scales"] = tuple(d["train_scales"])
         return cls(**d)
 
 
@@ -138,6 +147,25 @@ def default_iterations(num_images: int, batch_size: int, device: str | torch.dev
     iters = math.ceil(epochs * n / batch / 100) * 100
     cap = 90_000 if torch.device(device).type == "cuda" else max(16_000 // batch, 300)
     return int(min(max(iters, 300), cap))
+
+
+# Detectron's keypoint R-CNN trains at shorter sides 640, 672, ..., 800 and tests at 800: scale
+# jitter against over-fitting the few instances a keypoint set has. Its box configurations train at
+# the test size alone.
+KEYPOINT_TRAIN_SCALES = (0.8, 0.84, 0.88, 0.92, 0.96, 1.0)
+
+
+def train_scales_for(model: torch.nn.Module, config: TrainConfig) -> tuple[float, ...]:
+    """The training sizes' fractions: config.train_scales, else the task's default (Detectron's)."""
+    if config.train_scales is not None:
+        return config.train_scales
+    has_keypoints = getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None) is not None
+    return KEYPOINT_TRAIN_SCALES if has_keypoints else (1.0,)
+
+
+def training_sizes(test_size: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """Shorter sides for training: each fraction of the test size, rounded, without repeats."""
+    return tuple(sorted({max(8, round(test_size * f)) for f in fractions}))
 
 
 @dataclass
@@ -272,6 +300,10 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
         dataset = labeled
         sampler = MixedBatchSampler(len(labeled), 0, config.batch_size, (1, 0), config.iterations, config.seed + rank)
     model.to(device).train()
+    # torchvision's transform draws one of min_size for every training image and evaluates at the
+    # last; the model's own sizes come back for every evaluation and at the end
+    test_sizes = tuple(model.transform.min_size)
+    train_sizes = training_sizes(int(test_sizes[-1]), train_scales_for(model, config))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     plateau = validate is not None and config.schedule in ("auto", "plateau")
@@ -282,6 +314,8 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
         optimizer, lambda it: lr_factor(it, config, state.drops if plateau else None))
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if validate is not None:
+        validate = _at_sizes(validate, test_sizes, train_sizes)
     validation = Validation(validate, config, plateau) if validate is not None else None
 
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
@@ -322,6 +356,7 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
     for h in hooks:
         h.before_train(state)
     state.started = time.time() - (state.history[-1]["time"] if state.history else 0)
+    model.transform.min_size = train_sizes
     try:
         for images, targets in loader:
             images = [im.to(device, non_blocking=True) for im in images]
@@ -371,6 +406,8 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
     except Cancelled:
         save()
         raise
+    finally:
+        model.transform.min_size = test_sizes
     if state.iteration >= config.iterations and not state.stopped and validation is not None:
         state.stopped = "reached the iteration bound" + (" while validation AP was still improving"
                                                          if validation.since_best == 0 else "")
@@ -381,6 +418,17 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
         h.after_train(state)
     save(final=True)
     return state
+
+
+def _at_sizes(validate: Callable[[torch.nn.Module], float], test_sizes: tuple, train_sizes: tuple):
+    """`validate` run at the model's own sizes, from inside a loop that trains at train_sizes."""
+    def run(model: torch.nn.Module) -> float:
+        model.transform.min_size = test_sizes
+        try:
+            return validate(model)
+        finally:
+            model.transform.min_size = train_sizes
+    return run
 
 
 def _restore(state: TrainState, ckpt: dict) -> dict:

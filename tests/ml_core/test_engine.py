@@ -125,6 +125,44 @@ def test_the_same_seed_trains_the_same_weights(kp_data, tmp_path, workers):
         assert torch.equal(v, weights[1][k]), k
 
 
+@pytest.mark.parametrize("task", ["keypoints", "detection"])
+def test_training_sizes_jitter_for_keypoints_and_validation_keeps_the_models_own(kp_data, det_data, tmp_path,
+                                                                                monkeypatch, task):
+    """Keypoint models train at Detectron's 0.8-1.0 of their size, box models at their size; every
+    evaluation and the saved model use the model's own size."""
+    data, arch = (kp_data, "keypointrcnn_tiny") if task == "keypoints" else (det_data, "fasterrcnn_tiny")
+    seen, models = {"train": [], "eval": []}, []
+    real_build = pipeline.build_model
+
+    def build(*a, **kw):
+        model, init = real_build(*a, **kw)
+        resize = model.transform.resize
+
+        def recorded(image, target=None):
+            image, target = resize(image, target)
+            seen["train" if model.transform.training else "eval"].append(min(image.shape[-2:]))
+            return image, target
+        model.transform.resize = recorded
+        models.append(model)
+        return model, init
+    monkeypatch.setattr(pipeline, "build_model", build)
+    pipeline.train(str(data / "labeled.json"), str(data / "labeled"), str(tmp_path / "m.pt"), arch=arch,
+                   config=_cfg(iterations=8, eval_every=4), device="cpu", val_json=str(data / "val.json"),
+                   val_root=str(data / "val"))
+    if task == "keypoints":
+        assert set(seen["train"]) <= {51, 54, 56, 59, 61, 64} and len(set(seen["train"])) > 1
+    else:
+        assert set(seen["train"]) == {64}
+    assert seen["eval"] and set(seen["eval"]) == {64}
+    assert tuple(models[0].transform.min_size) == (64,)
+
+
+def test_train_scales_are_checked():
+    with pytest.raises(ValueError, match="train_scales"):
+        TrainConfig(train_scales=(0.1,))
+    assert TrainConfig.from_dict({"train_scales": [0.9, 1]}).train_scales == (0.9, 1.0)
+
+
 def test_two_process_data_parallel_training_under_torchrun(det_data, tmp_path):
     """The multi-GPU path (torchrun + DistributedDataParallel), run small on the CPU with gloo."""
     import os
