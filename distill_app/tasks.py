@@ -18,7 +18,8 @@ from django.db import OperationalError, transaction
 from django.utils import timezone
 
 from ml_core import pipeline
-from ml_core.engine import TrainConfig, default_iterations
+from ml_core.engine import TrainConfig, default_iterations, default_train_scales
+from ml_core.models import get_arch
 from ml_core.transforms import TransformSet
 from ml_core.tta import EnsembleOptions
 
@@ -112,13 +113,17 @@ def _write_coco(doc: dict, path: Path) -> str:
 
 def _sized_config(run: TrainingRun, pseudo) -> TrainConfig:
     """The run's config; iterations None ('auto') becomes a bound sized from the data and this
-    worker's device (engine.default_iterations), written back so the page shows it."""
+    worker's device (engine.default_iterations), and train_scales None the task's default training
+    sizes, both written back so the page shows them."""
     config = dict(run.config)
     if config.get("iterations") is None:
         n = run.labeled.images.filter(annotations__isnull=False).distinct().count()
         n += pseudo.counts.get("images", 0) if pseudo is not None else 0
         config["iterations"] = default_iterations(n, config.get("batch_size", 4), _device())
         config["warmup_iters"] = min(config.get("warmup_iters", 100), max(1, config["iterations"] // 4))
+    if config.get("train_scales") is None:
+        config["train_scales"] = list(default_train_scales(get_arch(run.arch).task))
+    if config != run.config:
         TrainingRun.objects.filter(pk=run.pk).update(config=config)
     return TrainConfig.from_dict(config)
 

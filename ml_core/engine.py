@@ -155,12 +155,17 @@ def default_iterations(num_images: int, batch_size: int, device: str | torch.dev
 KEYPOINT_TRAIN_SCALES = (0.8, 0.84, 0.88, 0.92, 0.96, 1.0)
 
 
+def default_train_scales(task: str) -> tuple[float, ...]:
+    """The training sizes' fractions a task gets by default (Detectron's, above)."""
+    return KEYPOINT_TRAIN_SCALES if task == "keypoints" else (1.0,)
+
+
 def train_scales_for(model: torch.nn.Module, config: TrainConfig) -> tuple[float, ...]:
-    """The training sizes' fractions: config.train_scales, else the task's default (Detectron's)."""
+    """The training sizes' fractions: config.train_scales, else the model's task's default."""
     if config.train_scales is not None:
         return config.train_scales
     has_keypoints = getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None) is not None
-    return KEYPOINT_TRAIN_SCALES if has_keypoints else (1.0,)
+    return default_train_scales("keypoints" if has_keypoints else "detection")
 
 
 def training_sizes(test_size: int, fractions: tuple[float, ...]) -> tuple[int, ...]:

@@ -191,6 +191,9 @@ def test_iterations_left_out_are_sized_by_the_worker_from_the_data(as_alice, det
     assert s.is_valid(), s.errors
     serializer_cfg = s.validated_data["config"]
     assert serializer_cfg["iterations"] is None  # auto until a worker knows its device
-    run = TrainingRun(pk=None, labeled_id=det_project["labeled"], config=serializer_cfg)
+    run = TrainingRun(pk=None, arch="fasterrcnn_tiny", labeled_id=det_project["labeled"], config=serializer_cfg)
     cfg = _sized_config(run, None)
     assert cfg.iterations == default_iterations(6, 2, "cpu") and cfg.warmup_iters <= cfg.iterations // 4
+    assert cfg.train_scales == (1.0,)  # the task's default training sizes, resolved beside the bound
+    run.arch = "keypointrcnn_tiny"
+    assert _sized_config(run, None).train_scales == (0.8, 0.84, 0.88, 0.92, 0.96, 1.0)

@@ -95,6 +95,9 @@ def test_auto_iterations_and_distill_again_rounds(page, live_server, ready_run, 
     resolved = as_alice.get(f"/api/training-runs/{tid}/").json()["config"]["iterations"]
     assert resolved and page.get_attribute("#training", "data-iterations") == str(resolved)
     assert page.inner_text("#config dd[data-key=iterations]").startswith(str(resolved))
+    # the training sizes too: a box model trains at its own size (keypoint models jitter)
+    assert as_alice.get(f"/api/training-runs/{tid}/").json()["config"]["train_scales"] == [1.0]
+    assert page.inner_text("#config dd[data-key='training sizes']") == "the model's size"
     as_alice.post(f"/api/training-runs/{tid}/cancel/")  # the worker is needed below
     wait_for(lambda: as_alice.get(f"/api/training-runs/{tid}/").json()["job"]["state"] in FINAL, timeout=120, what="cancelled")
 

@@ -173,7 +173,11 @@
         root.dataset.iterations = c.iterations ?? "auto";
         const items = {architecture: run.arch, init: run.role === "student" ? run.init : "—", iterations: iters,
           "batch size": c.batch_size, "labeled:pseudo": run.role === "student" ? c.ratio : "labeled only",
-          "learning rate": c.lr, schedule: c.schedule || "steps",
+          "learning rate": c.lr,
+          "training sizes": c.train_scales == null ? "set by the worker when it starts"
+            : c.train_scales.length === 1 && c.train_scales[0] === 1 ? "the model's size"
+            : `${c.train_scales.join(", ")} × the model's size, one drawn per image`,
+          schedule: c.schedule || "steps",
           ...(c.schedule === "plateau" || (c.schedule === "auto" && run.validation) ? {patience: c.patience, "evaluate every": c.eval_every || "auto"}
             : {}),
           "decay at": c.schedule === "plateau" && run.validation ? "on a plateau (70%, 90% at the latest)"
