@@ -69,8 +69,9 @@ class TrainConfig:
     patience: int = 4
     # an evaluation must beat the best by this many AP points to count as better
     min_delta: float = 0.1
-    # shorter sides drawn at random for each training minibatch, as fractions of the model's own
-    # size (evaluation and inference keep that size); None: the task's default (train_scales_for)
+    # shorter sides drawn at random for each training image, as fractions of the model's own size
+    # (evaluation and inference keep that size); None: the task's default (default_train_scales),
+    # which pipeline.train fills in; fit() alone trains at the model's size
     train_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
@@ -110,8 +111,6 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         if "steps" in d:
             d["steps"] = tuple(d["steps"])
-        if d.get("train_scales") is not None:
-            d["train_scales"] = tuple(d["train_scales"])
         return cls(**d)
 
 
@@ -158,14 +157,6 @@ KEYPOINT_TRAIN_SCALES = (0.8, 0.84, 0.88, 0.92, 0.96, 1.0)
 def default_train_scales(task: str) -> tuple[float, ...]:
     """The training sizes' fractions a task gets by default (Detectron's, above)."""
     return KEYPOINT_TRAIN_SCALES if task == "keypoints" else (1.0,)
-
-
-def train_scales_for(model: torch.nn.Module, config: TrainConfig) -> tuple[float, ...]:
-    """The training sizes' fractions: config.train_scales, else the model's task's default."""
-    if config.train_scales is not None:
-        return config.train_scales
-    has_keypoints = getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None) is not None
-    return default_train_scales("keypoints" if has_keypoints else "detection")
 
 
 def training_sizes(test_size: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
@@ -308,7 +299,7 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
     # torchvision's transform draws one of min_size for every training image and evaluates at the
     # last; the model's own sizes come back for every evaluation and at the end
     test_sizes = tuple(model.transform.min_size)
-    train_sizes = training_sizes(int(test_sizes[-1]), train_scales_for(model, config))
+    train_sizes = training_sizes(int(test_sizes[-1]), config.train_scales or (1.0,))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     plateau = validate is not None and config.schedule in ("auto", "plateau")

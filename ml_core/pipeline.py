@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -17,7 +18,7 @@ import torch
 from . import selection
 from .checkpoint import load_model, load_state, model_meta, read_checkpoint
 from .data import CocoData, CocoDetection, load_coco, load_image, validate_coco
-from .engine import Hook, TrainConfig, TrainState, fit
+from .engine import Hook, TrainConfig, TrainState, default_train_scales, fit
 from .evaluation import COCOEvaluator, NamedEvaluator
 from .models import build_model, get_arch
 from .schema import KeypointSchema
@@ -77,6 +78,8 @@ def train(labeled_json: str, labeled_root: str, out_path: str, *, arch: str, con
     a = get_arch(arch)
     if a.task != task:
         raise ValueError(f"{arch} is a {a.task} architecture but the labeled data is a {task} dataset")
+    if config.train_scales is None:
+        config = replace(config, train_scales=default_train_scales(task))
     flip_inds = schema.flip_indices() if (schema and flip) else None
     transform = training_transform(flip_inds, task, flip)
     min_size = min_size or _median_side(labeled)
@@ -364,7 +367,6 @@ class PipelineOptions:
 
 
 def _sized(config: TrainConfig, iterations: int | None, num_images: int, device: str) -> TrainConfig:
-    from dataclasses import replace
     from .engine import default_iterations
     n = iterations or default_iterations(num_images, config.batch_size, device)
     return replace(config, iterations=n, warmup_iters=min(config.warmup_iters, max(1, n // 4)),
