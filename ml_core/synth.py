@@ -2,8 +2,10 @@
 
 Detection: discs, blocks and triangles of random colours, sizes and overlaps on textured
 backgrounds with unlabeled clutter (rings, lines, speckles). Keypoints: articulated stick figures
-with 9 keypoints whose left limbs are warm-coloured and right limbs cool-coloured, facing either
-way, so left and right can only be told apart by colour and a wrong flip map visibly hurts.
+with 9 keypoints, one limb pair warm-coloured and the other cool-coloured, facing either way, so
+the two sides can only be told apart by colour. Colour survives a mirror image, so a flipped
+figure's warm hand is still its warm hand: the category declares the identity flip map (a person's
+left hand becomes the mirror image's right, so COCO's persons swap; these figures must not).
 
 Splits: labeled, unlabeled (images only, plus its hidden ground truth for oracle runs), val.
 """
@@ -20,11 +22,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 DETECTION_CATEGORIES = [{"id": 1, "name": "disc"}, {"id": 2, "name": "block"}, {"id": 3, "name": "triangle"}]
-FIGURE_KEYPOINTS = ["head", "left_shoulder", "right_shoulder", "left_hand", "right_hand",
-                    "left_hip", "right_hip", "left_foot", "right_foot"]
+FIGURE_KEYPOINTS = ["head", "warm_shoulder", "cool_shoulder", "warm_hand", "cool_hand",
+                    "warm_hip", "cool_hip", "warm_foot", "cool_foot"]
 FIGURE_SKELETON = [[1, 2], [1, 3], [2, 4], [3, 5], [2, 6], [3, 7], [6, 8], [7, 9], [2, 3], [6, 7]]
-KEYPOINT_CATEGORIES = [{"id": 1, "name": "figure", "supercategory": "figure",
-                        "keypoints": FIGURE_KEYPOINTS, "skeleton": FIGURE_SKELETON}]
+# sides told apart by colour, which a mirror keeps: flipping swaps no channel
+FIGURE_FLIP_MAP = list(range(len(FIGURE_KEYPOINTS)))
+KEYPOINT_CATEGORIES = [{"id": 1, "name": "figure", "supercategory": "figure", "keypoints": FIGURE_KEYPOINTS,
+                        "skeleton": FIGURE_SKELETON, "flip_map": FIGURE_FLIP_MAP}]
 KINDS = ("detection", "keypoints")
 
 
@@ -119,30 +123,30 @@ def _figure(draw: ImageDraw.ImageDraw, rng: random.Random, size: int):
     """Draw one stick figure; return its keypoints (COCO flat list) and bbox."""
     h = size * rng.uniform(0.3, 0.7)
     cx, cy = rng.uniform(0.2, 0.8) * size, rng.uniform(0.1, 0.9) * size - h / 2
-    facing = rng.choice((-1, 1))  # which image side the figure's left limbs are on
+    facing = rng.choice((-1, 1))  # which image side the figure's warm limbs are on
     tilt = rng.uniform(-0.3, 0.3)
     sw = h * 0.14  # half shoulder width
     body = {
-        "head": (0, 0.0), "left_shoulder": (facing * sw, 0.18 * h), "right_shoulder": (-facing * sw, 0.18 * h),
-        "left_hip": (facing * sw * 0.7, 0.55 * h), "right_hip": (-facing * sw * 0.7, 0.55 * h),
+        "head": (0, 0.0), "warm_shoulder": (facing * sw, 0.18 * h), "cool_shoulder": (-facing * sw, 0.18 * h),
+        "warm_hip": (facing * sw * 0.7, 0.55 * h), "cool_hip": (-facing * sw * 0.7, 0.55 * h),
     }
     def limb(base, length, angle):
         return (base[0] + length * math.sin(angle), base[1] + length * math.cos(angle))
-    body["left_hand"] = limb(body["left_shoulder"], 0.32 * h, facing * rng.uniform(0.2, 2.6))
-    body["right_hand"] = limb(body["right_shoulder"], 0.32 * h, -facing * rng.uniform(0.2, 2.6))
-    body["left_foot"] = limb(body["left_hip"], 0.42 * h, facing * rng.uniform(0.0, 0.9))
-    body["right_foot"] = limb(body["right_hip"], 0.42 * h, -facing * rng.uniform(0.0, 0.9))
+    body["warm_hand"] = limb(body["warm_shoulder"], 0.32 * h, facing * rng.uniform(0.2, 2.6))
+    body["cool_hand"] = limb(body["cool_shoulder"], 0.32 * h, -facing * rng.uniform(0.2, 2.6))
+    body["warm_foot"] = limb(body["warm_hip"], 0.42 * h, facing * rng.uniform(0.0, 0.9))
+    body["cool_foot"] = limb(body["cool_hip"], 0.42 * h, -facing * rng.uniform(0.0, 0.9))
     ct, st = math.cos(tilt), math.sin(tilt)
     pts = {k: (cx + x * ct - (y - 0.3 * h) * st, cy + 0.3 * h + x * st + (y - 0.3 * h) * ct) for k, (x, y) in body.items()}
     width = max(2, int(h * 0.05))
     warm = (rng.randint(200, 255), rng.randint(40, 120), rng.randint(0, 60))
     cool = (rng.randint(0, 60), rng.randint(80, 170), rng.randint(200, 255))
     torso = tuple(rng.randint(90, 170) for _ in range(3))
-    draw.line([pts["left_shoulder"], pts["right_shoulder"]], fill=torso, width=width)
-    draw.line([pts["left_hip"], pts["right_hip"]], fill=torso, width=width)
-    draw.line([pts["left_shoulder"], pts["left_hip"]], fill=torso, width=width)
-    draw.line([pts["right_shoulder"], pts["right_hip"]], fill=torso, width=width)
-    for side, col in (("left", warm), ("right", cool)):
+    draw.line([pts["warm_shoulder"], pts["cool_shoulder"]], fill=torso, width=width)
+    draw.line([pts["warm_hip"], pts["cool_hip"]], fill=torso, width=width)
+    draw.line([pts["warm_shoulder"], pts["warm_hip"]], fill=torso, width=width)
+    draw.line([pts["cool_shoulder"], pts["cool_hip"]], fill=torso, width=width)
+    for side, col in (("warm", warm), ("cool", cool)):
         draw.line([pts[f"{side}_shoulder"], pts[f"{side}_hand"]], fill=col, width=width)
         draw.line([pts[f"{side}_hip"], pts[f"{side}_foot"]], fill=col, width=width)
         for end in ("hand", "foot"):

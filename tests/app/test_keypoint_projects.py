@@ -18,7 +18,8 @@ def synth_kp(tmp_path_factory):
 def test_keypoint_workflow(as_alice, synth_kp):
     ids = build_project(as_alice, synth_kp, task="keypoints")
     project = as_alice.get(f"/api/projects/{ids['project']}/").json()
-    assert project["categories"][0]["keypoints"][1] == "left_shoulder"
+    assert project["categories"][0]["keypoints"][1] == "warm_shoulder"
+    assert project["categories"][0]["flip_map"] == list(range(9))
     r = as_alice.post("/api/training-runs/", {"project": ids["project"], "arch": "keypointrcnn_tiny", "labeled": ids["labeled"],
                                               "validation": ids["validation"], "config": TINY_TRAIN}, format="json")
     run = as_alice.get(f"/api/training-runs/{r.json()['id']}/").json()
