@@ -10,8 +10,6 @@ their data (engine.default_iterations). A gain counts against the better of teac
 
 Presets:
   cpu: tiny backbones, 96 px images, 60 labeled / 200 unlabeled / 60 val (240 for keypoints), batch 4
-       (keypoint OKS AP of these models moves by about 2 AP between evaluations on 60 images; the
-       noise falls with the square root of the images, and the best checkpoint is chosen on it)
   gpu: ResNet-50 FPN models, 512 px images, 500 labeled / 4000 unlabeled / 500 val, batch 16
 Run: python benchmarks/distillation_gain.py --preset cpu [--tasks detection,keypoints] [--seeds 0,1,2]
 """
