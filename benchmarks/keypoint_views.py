@@ -24,6 +24,7 @@ from ml_core.data import load_coco, load_image
 from ml_core.evaluation import COCOEvaluator, format_table
 from ml_core.schema import KeypointSchema
 from ml_core.transforms import TransformSet, View, boxes_to_view
+from ml_core.tta import EnsembleOptions
 
 
 def view_logits(predictor, images: list[torch.Tensor], boxes: list[torch.Tensor], view: View) -> list[torch.Tensor]:
@@ -65,7 +66,9 @@ def measure(teacher: str, data: Path, scales: list[int], box_scales: list[int], 
     schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
     sigmas = schema.sigmas if schema else None
     table = variants(scales, box_scales, base)
-    size_dep = f"box views + scale-size dependence (area {ensemble.size_dependent_views.__defaults__[0]:.0f})"
+    box_views = next(iter(table.values()))
+    area = EnsembleOptions().keypoint_area_thresh
+    size_dep = f"box views + scale-size dependence (area {area:.0f})"
     needed = sorted({v for views in table.values() for v in views}, key=lambda v: (v.scale, v.flip))
     preds: dict[str, dict[int, list[dict]]] = {name: {} for name in [*table, size_dep]}
     t0 = time.time()
@@ -75,32 +78,32 @@ def measure(teacher: str, data: Path, scales: list[int], box_scales: list[int], 
         results = predictor.predict(images)
         boxes = [r.ensembled.boxes.to(device) for r in results]
         logits = {v: view_logits(predictor, images, boxes, v) for v in needed}
-        for name, views in [*table.items(), (size_dep, table[next(iter(table))])]:
+        for name, views in [*table.items(), (size_dep, box_views)]:
             for i, (im, r) in enumerate(zip(ims, results)):
                 keep = None
                 if name == size_dep:
-                    keep = ensemble.size_dependent_views(boxes[i], [v.scale for v in views], base)
+                    keep = ensemble.size_dependent_views(boxes[i], [v.scale for v in views], base, area)
                 maps = ensemble.ensemble_heatmaps([logits[v][i] for v in views], [v.flip for v in views],
                                                   predictor.flip_inds, "mean", keep)
                 kps, _ = ensemble.decode_heatmaps(maps, boxes[i])
-                items = []
-                for b, s, lab, k in zip(boxes[i].tolist(), r.ensembled.scores.tolist(), r.ensembled.labels.tolist(),
-                                        kps.tolist()):
-                    items.append({"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s, "label": lab,
-                                  "category_id": cats[lab - 1]["id"],
-                                  "keypoints": [round(c, 2) for p in k for c in p]})
+                items = []   # unrounded, unlike Instances.as_list: the variants may differ by less than its rounding
+                for bx, s, lab, k in zip(boxes[i].tolist(), r.ensembled.scores.tolist(), r.ensembled.labels.tolist(),
+                                         kps.tolist()):
+                    items.append({"bbox": [bx[0], bx[1], bx[2] - bx[0], bx[3] - bx[1]], "score": s, "label": lab,
+                                  "category_id": cats[lab - 1]["id"], "keypoints": [round(c, 2) for p in k for c in p]})
                 preds[name][im["id"]] = items
         print(f"  {start + len(ims)}/{len(val.images)} images, {time.time() - t0:.0f} s", flush=True)
     scores = [p["score"] for items in preds[size_dep].values() for p in items]
     thresh = selection.auto_threshold(scores, len(val.images), pipeline.annotated_per_image(labeled))
     doc = {"images": val.images, "categories": val.categories}
+    truth = val.to_dict()
     rows = {}
     for name, by_image in preds.items():
-        ev = COCOEvaluator(val.to_dict(), "keypoints", sigmas)
+        ev = COCOEvaluator(truth, "keypoints", sigmas)
         for image_id, items in by_image.items():
             ev.process(image_id, items)
         kept = pipeline.pseudo_label_doc(doc, by_image, thresh, val.categories)
-        q = pipeline.pseudo_label_quality(kept, val.to_dict(), sigmas)
+        q = pipeline.pseudo_label_quality(kept, truth, sigmas)
         rows[name] = {"OKS AP, all": round(ev.evaluate()["AP"], 2), "OKS AP, kept": q["keypoints_AP"],
                       "box AP, kept": q["bbox_AP"]}
     return {"teacher": teacher, "threshold": round(thresh, 3), "base_scale": base, "images": len(val.images),

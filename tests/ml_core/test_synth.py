@@ -30,10 +30,10 @@ def test_detection_splits_are_valid_coco(det_data):
 def _side_colours(image, kps, names):
     """Which colour family lies under each visible warm_/cool_ hand and foot: 'warm' or 'cool'."""
     out = {}
+    h, w = image.shape[-2:]
     for k, name in enumerate(names):
         x, y, v = kps[k].tolist()
         if v > 0 and name.split("_")[-1] in ("hand", "foot"):
-            h, w = image.shape[-2:]
             r, _, b = image[:, min(int(y), h - 1), min(int(x), w - 1)].tolist()
             out[name] = "warm" if r > b + 0.3 else "cool" if b > r + 0.3 else "?"
     return out
@@ -42,8 +42,6 @@ def _side_colours(image, kps, names):
 def test_keypoint_labels_follow_the_figures_through_a_mirror_image(tmp_path):
     """Sides are told apart by colour, which a mirror keeps, so the declared flip map must keep every
     channel: flip augmentation with a left/right swap would teach the warm hand as the cool one."""
-    import torch
-
     from ml_core.data import load_image, target_from_annotations
     from ml_core.transforms import RandomHorizontalFlip
 
@@ -65,11 +63,11 @@ def test_keypoint_labels_follow_the_figures_through_a_mirror_image(tmp_path):
                 checked += colour != "?"
     assert checked >= 40
     # the swap a person's keypoints need would put every warm label on a cool limb here
-    swapped = torch.tensor([0, 2, 1, 4, 3, 6, 5, 8, 7])
+    swapped = [0, 2, 1, 4, 3, 6, 5, 8, 7]
     first = lab.annotations[0]
     image = load_image(tmp_path / "labeled" / next(im["file_name"] for im in lab.images if im["id"] == first["image_id"]))
     target = target_from_annotations([first], {1: 1}, schema.num_keypoints)
-    flipped, ftarget = RandomHorizontalFlip(1.0, swapped.tolist())(image, target)
+    flipped, ftarget = RandomHorizontalFlip(1.0, swapped)(image, target)
     wrong = _side_colours(flipped, ftarget["keypoints"][0], schema.names)
     assert wrong and all(colour != name.split("_")[0] for name, colour in wrong.items() if colour != "?")
 
