@@ -11,6 +11,7 @@ from django.db import models as db_models
 from rest_framework import serializers
 
 from ml_core.engine import TrainConfig
+from ml_core.ensemble import heatmap_views
 from ml_core.models import ARCHITECTURES
 from ml_core.transforms import TransformSet
 from ml_core.tta import EnsembleOptions
@@ -187,6 +188,10 @@ class InferenceRunSerializer(ModelSerializer):
             raise serializers.ValidationError({"dataset": "the unlabeled set has no images"})
         attrs["transforms"] = _ml_option(TransformSet, attrs.get("transforms"), "transforms").to_dict()
         attrs["options"] = {k: v for k, v in vars(_ml_option(EnsembleOptions, attrs.get("options"), "options")).items()}
+        try:
+            heatmap_views(attrs["options"]["keypoint_scales"], attrs["transforms"]["scales"], 1)
+        except ValueError as e:
+            raise serializers.ValidationError({"options": f"bad options: {e}"}) from None
         attrs.setdefault("chunk_size", settings.DISTILL_INFERENCE_CHUNK)
         if not 1 <= attrs["chunk_size"] <= 10000:
             raise serializers.ValidationError({"chunk_size": "must lie between 1 and 10000"})

@@ -176,7 +176,8 @@ def cmd_infer(args):
     ts = TransformSet.parse(args.scales, flip=not args.no_flip, max_size=args.max_size)
     opts = EnsembleOptions(method=args.method, vote_thresh=args.vote_thresh, vote_scoring=args.vote_scoring,
                            heatmap_method=args.heatmap_method, keypoint_size_dependence=args.keypoint_size_dependence,
-                           keypoint_area_thresh=args.keypoint_area, union=args.union)
+                           keypoint_area_thresh=args.keypoint_area, keypoint_scales=args.keypoint_scales,
+                           union=args.union)
     results, errors, per_view = [], [], []
     paths = [str(root / im["file_name"]) for im in doc["images"]]
     for i, pred, err in pipeline.infer(args.checkpoint, paths, transforms=ts, options=opts, device=args.device,
@@ -248,6 +249,7 @@ def cmd_pipeline(args):
     from .pipeline import PipelineOptions, run_pipeline
     from .evaluation import format_table
     from .transforms import TransformSet
+    from .tta import EnsembleOptions
     opts = PipelineOptions(data=args.data, out=args.out, arch=args.arch, transforms=TransformSet.parse(args.scales),
                            teacher_config=_train_config(args, args.iterations),
                            student_config=_train_config(args, args.student_iterations),
@@ -255,7 +257,8 @@ def cmd_pipeline(args):
                            threshold=args.threshold, init=args.init, device=args.device, min_size=args.min_size,
                            baselines=args.baselines, num_workers=2 if args.workers is None else args.workers,
                            validation=not args.no_validation,
-                           control=not args.no_control, rounds=args.rounds)
+                           control=not args.no_control, rounds=args.rounds,
+                           options=EnsembleOptions(keypoint_scales=args.keypoint_scales))
     report = run_pipeline(opts, hooks_for=lambda name: [BarHook(name)], progress_for=lambda name: _bar(name))
     key = "keypoints" if "keypoints" in next(iter(report["results"].values())) else "bbox"
     print(f"\n{key} AP on the validation split ({report['val_images']} images):")
@@ -265,6 +268,12 @@ def cmd_pipeline(args):
             print(f"{name}: {t['iterations']} iterations, best validation AP {t['best']['AP']:.2f} at "
                   f"{t['best']['iteration']}; {t['stopped']}")
     print(f"pseudo-label threshold {report['threshold']:.3f}; report: {report['report_path']}")
+
+
+def _add_keypoint_scales(s):
+    s.add_argument("--keypoint-scales", default="auto", metavar="auto|all|S,S",
+                   help="keypoints: the views whose heatmaps vote (the boxes come from every view); auto: those "
+                        "at or below the model's own test size; all; or scales among --scales (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which boxes of each view are ensembled: its NMS'd detections, or every box above the "
                         "score threshold before NMS (Detectron's union; boxes only); auto: pre_nms for box "
                         "models, post_nms for keypoint models")
+    _add_keypoint_scales(s)
     s.add_argument("--keypoint-size-dependence", action="store_true",
                    help="keypoints: small boxes ignore down-scaled views, large ones up-scaled views")
     s.add_argument("--keypoint-area", type=float, default=150.0 ** 2, metavar="PX2",
@@ -363,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-control", action="store_true",
                    help="skip the control (the teacher trained on labels alone for the student's iterations)")
     s.add_argument("--rounds", type=int, default=1, help="each round's student teaches the next round")
+    _add_keypoint_scales(s)
     _add_train_options(s)
     s.set_defaults(func=cmd_pipeline)
     return p

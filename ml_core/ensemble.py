@@ -238,6 +238,48 @@ def ensemble_boxes_flat(B: torch.Tensor, S: torch.Tensor, L: torch.Tensor, img: 
     return list(zip(kb[order].split(sizes), ks[order].split(sizes), kl[order].split(sizes)))
 
 
+def heatmap_views(keypoint_scales: str, view_scales: list[int], base_scale: int) -> list[bool]:
+    """Which views' heatmaps vote on the keypoints, one flag per view (tta.EnsembleOptions.keypoint_scales).
+
+    "all": every view; "auto": those at or below base_scale, the model's own test size (the
+    smallest scale when all are larger); "64,96": the views of those scales, each of which must be
+    one of view_scales. With no view_scales only the spelling is checked.
+    """
+    spec = str(keypoint_scales).strip().lower()
+    if spec == "all":
+        return [True] * len(view_scales)
+    if spec == "auto":
+        if not view_scales:
+            return []
+        limit = base_scale if min(view_scales) <= base_scale else min(view_scales)
+        return [s <= limit for s in view_scales]
+    try:
+        chosen = {int(t) for t in spec.split(",")}
+    except ValueError:
+        raise ValueError(f'keypoint_scales must be "auto", "all" or scales such as "64,96", got {keypoint_scales!r}') \
+            from None
+    if not chosen or any(not 1 <= c <= 100_000 for c in chosen):
+        raise ValueError(f"keypoint_scales must lie between 1 and 100000, got {keypoint_scales!r}")
+    if view_scales and not chosen <= set(view_scales):
+        missing = ", ".join(map(str, sorted(chosen - set(view_scales))))
+        raise ValueError(f"keypoint_scales {missing} not among the views' scales "
+                         f"({', '.join(map(str, sorted(set(view_scales))))})")
+    return [s in chosen for s in view_scales]
+
+
+def keypoint_view_mask(boxes: torch.Tensor, view_scales: list[int], base_scale: int, keypoint_scales: str = "all",
+                       size_dependence: bool = False, area_thresh: float = 150.0 ** 2) -> torch.Tensor | None:
+    """The (V, N) mask of which views vote on which box's keypoints: the views keypoint_scales
+    names, and of those, with size_dependence, the ones Detectron's scale-size rule allows (a box
+    the rule would leave without a view keeps the named ones). None: every view votes on every box."""
+    named = torch.as_tensor(heatmap_views(keypoint_scales, view_scales, base_scale), dtype=torch.bool,
+                            device=boxes.device)[:, None].expand(len(view_scales), len(boxes))
+    if not size_dependence:
+        return None if bool(named.all()) else named
+    keep = named & size_dependent_views(boxes, view_scales, base_scale, area_thresh)
+    return torch.where(keep.any(0, keepdim=True), keep, named)
+
+
 def size_dependent_views(boxes: torch.Tensor, view_scales: list[int], base_scale: int,
                          area_thresh: float = 150.0 ** 2) -> torch.Tensor:
     """Detectron's keypoint scale-size dependence: which views may vote on which box.

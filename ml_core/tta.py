@@ -40,6 +40,13 @@ class EnsembleOptions:
     wbf_thresh: float = 0.55
     detections_per_img: int = 100
     heatmap_method: str = "mean"
+    # Which views' heatmaps vote on the keypoints (Detectron's TEST.KPS_AUG.SCALES; the boxes always
+    # come from every view): "auto", the views at or below the model's own test size (the smallest
+    # view scale when every view is larger); "all"; or scales such as "64,96", each one of the views'.
+    # "auto" is the default because the keypoint head reads its heatmaps at the scale it was trained
+    # at: on the validation sets of benchmarks/keypoint_views.py every up-scaled view alone placed
+    # keypoints worse than the model's own, and averaging them in lowered the ensemble (README).
+    keypoint_scales: str = "auto"
     # Detectron's optional scale-size dependence of keypoint views (ensemble.size_dependent_views)
     keypoint_size_dependence: bool = False
     keypoint_area_thresh: float = 150.0 ** 2
@@ -65,6 +72,7 @@ class EnsembleOptions:
         if not self.keypoint_area_thresh > 0:
             raise ValueError(f"keypoint_area_thresh must be positive, got {self.keypoint_area_thresh}")
         ensemble._check_choice(self.union, ("auto", "post_nms", "pre_nms"), "union")
+        ensemble.heatmap_views(self.keypoint_scales, [], 1)  # its spelling; the views are checked by the predictor
         if not 1 <= self.union_per_view <= 100_000:
             raise ValueError(f"union_per_view must lie in [1, 100000], got {self.union_per_view}")
 
@@ -150,6 +158,8 @@ class MultiTransformPredictor:
         self.flip_inds = flip_inds
         # the model's own test size: views above it are up-scaled, below it down-scaled
         self.base_scale = int(model.transform.min_size[-1])
+        if self.keypoints:
+            ensemble.heatmap_views(self.options.keypoint_scales, transforms.scales, self.base_scale)
         cuda = self.device.type == "cuda"
         self.fast = cuda if fast is None else fast
         if compile_backbone and not self.fast:
@@ -282,9 +292,8 @@ class MultiTransformPredictor:
             scales += [v.scale for v in views[::n]]
         o = self.options
         for i, r in enumerate(results):
-            keep = None
-            if o.keypoint_size_dependence:
-                keep = ensemble.size_dependent_views(r.ensembled.boxes, scales, self.base_scale, o.keypoint_area_thresh)
+            keep = ensemble.keypoint_view_mask(r.ensembled.boxes, scales, self.base_scale, o.keypoint_scales,
+                                               o.keypoint_size_dependence, o.keypoint_area_thresh)
             maps = ensemble.ensemble_heatmaps(heat[i], flips[i], self.flip_inds, o.heatmap_method, keep)
             kps, _ = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
             r.ensembled.keypoints = kps
@@ -360,10 +369,9 @@ class MultiTransformPredictor:
                 h = part.flip(-1)[:, self.flip_inds] if f else part
                 keep_rows.append(h)
         heat = torch.stack(keep_rows)                                      # [views, boxes, K, H, W]
-        mask = None
-        if o.keypoint_size_dependence:
-            scales = [sf.scale for sf in per_scale for _ in flips]
-            mask = ensemble.size_dependent_views(flat, scales, self.base_scale, o.keypoint_area_thresh)
+        scales = [sf.scale for sf in per_scale for _ in flips]
+        mask = ensemble.keypoint_view_mask(flat, scales, self.base_scale, o.keypoint_scales,
+                                           o.keypoint_size_dependence, o.keypoint_area_thresh)
         if mask is None:
             maps = heat.mean(0) if o.heatmap_method == "mean" else heat.amax(0)
         else:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from ml_core import ensemble
 from ml_core.ensemble import agreement, box_voting, ensemble_boxes, weighted_box_fusion
 
 
@@ -81,6 +82,32 @@ def test_batched_ensembling_equals_one_image_at_a_time(method, scoring):
     for (bb, bs, bl), b, s, lab in zip(batched, boxes, scores, labels):
         eb, es, el = ensemble_boxes(b, s, lab, num_views=2, method=method, vote_scoring=scoring, detections_per_img=30)
         assert torch.allclose(bb, eb, atol=1e-4) and torch.allclose(bs, es, atol=1e-6) and torch.equal(bl, el)
+
+
+def test_heatmap_views_auto_all_and_named():
+    assert ensemble.heatmap_views("auto", [64, 96, 128, 160], 96) == [True, True, False, False]
+    assert ensemble.heatmap_views("auto", [64, 64, 96, 96, 128, 128], 100) == [True] * 4 + [False] * 2
+    # every view up-scaled: the smallest is the nearest to the model's size
+    assert ensemble.heatmap_views("auto", [128, 160, 128], 96) == [True, False, True]
+    assert ensemble.heatmap_views("all", [64, 160], 96) == [True, True]
+    assert ensemble.heatmap_views(" 160, 64 ", [64, 96, 160], 96) == [True, False, True]
+    for bad, msg in (("most", "must be"), ("0", "between 1 and"), ("64,200", "200 not among")):
+        with pytest.raises(ValueError, match=msg):
+            ensemble.heatmap_views(bad, [64, 96], 96)
+
+
+def test_keypoint_view_mask_combines_the_named_views_with_size_dependence():
+    boxes = torch.tensor([[0., 0, 10, 10], [0, 0, 200, 200]])            # one small box, one large
+    scales = [64, 96, 128]
+    assert ensemble.keypoint_view_mask(boxes, scales, 96, "all") is None
+    named = ensemble.keypoint_view_mask(boxes, scales, 96, "auto")
+    assert named.tolist() == [[True, True], [True, True], [False, False]]
+    both = ensemble.keypoint_view_mask(boxes, scales, 96, "auto", size_dependence=True)
+    # small: not the down-scaled 64; large: not the up-scaled 128 (already out)
+    assert both.tolist() == [[False, True], [True, True], [False, False]]
+    # a box the size rule would leave with no named view keeps the named ones
+    only_small = ensemble.keypoint_view_mask(boxes, scales, 96, "64", size_dependence=True)
+    assert only_small.tolist() == [[True, True], [False, False], [False, False]]
 
 
 def test_size_dependence_drops_down_scaled_views_for_small_boxes_and_up_scaled_for_large():

@@ -121,11 +121,11 @@ def test_predictor_fast_equals_plain(arch, nk, flip):
         assert a.agreement == pytest.approx(b.agreement, abs=1e-2)
 
 
-def test_fast_path_keypoint_size_dependence_and_max_heatmaps():
+def test_fast_path_keypoint_size_dependence_max_heatmaps_and_named_views():
     m = _model("keypointrcnn_tiny", 5, classes=2)
     images = [torch.rand(3, 64, 64)]
     for opts in (EnsembleOptions(score_thresh=0.0, keypoint_size_dependence=True),
-                 EnsembleOptions(heatmap_method="max")):
+                 EnsembleOptions(heatmap_method="max"), EnsembleOptions(score_thresh=0.0, keypoint_scales="48,80")):
         ts = TransformSet([48, 64, 80], flip=True, max_size=200)
         a = MultiTransformPredictor(m, ts, flip_inds=FLIP5, options=opts, fast=False).predict(images)[0]
         b = MultiTransformPredictor(m, ts, flip_inds=FLIP5, options=opts, fast=True).predict(images)[0]

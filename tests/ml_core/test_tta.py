@@ -76,13 +76,14 @@ def test_keypoint_size_dependence_changes_only_what_the_rule_says():
     m, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=64, max_size=96)
     m.roi_heads.score_thresh = 0.0
     x = torch.rand(3, 64, 64)
-    opts = EnsembleOptions(score_thresh=0.0, keypoint_size_dependence=True)
+    opts = EnsembleOptions(score_thresh=0.0, keypoint_size_dependence=True, keypoint_scales="all")
     dep = MultiTransformPredictor(m, TransformSet([48, 64, 80], flip=False), options=opts).predict([x])[0]
     plain = MultiTransformPredictor(m, TransformSet([48, 64, 80], flip=False),
-                                    options=EnsembleOptions(score_thresh=0.0)).predict([x])[0]
+                                    options=EnsembleOptions(score_thresh=0.0, keypoint_scales="all")).predict([x])[0]
     assert len(dep.ensembled.boxes) > 0 and torch.equal(dep.ensembled.boxes, plain.ensembled.boxes)
     # the same boxes, heatmaps of views 64 and 80 only
-    p = MultiTransformPredictor(m, TransformSet([48, 64, 80], flip=False), options=EnsembleOptions(score_thresh=0.0))
+    p = MultiTransformPredictor(m, TransformSet([48, 64, 80], flip=False),
+                                options=EnsembleOptions(score_thresh=0.0, keypoint_scales="all"))
     from ml_core import ensemble
     original = ensemble.ensemble_heatmaps
     ensemble.ensemble_heatmaps = lambda h, f, inds, method, keep=None: original(h[1:], f[1:], inds, method)
@@ -92,6 +93,25 @@ def test_keypoint_size_dependence_changes_only_what_the_rule_says():
         ensemble.ensemble_heatmaps = original
     assert torch.allclose(dep.ensembled.keypoints, upper.ensembled.keypoints)
     assert not torch.allclose(dep.ensembled.keypoints, plain.ensembled.keypoints)
+
+
+def test_keypoint_heatmaps_come_from_the_views_keypoint_scales_names():
+    """The boxes come from every view either way; the keypoints from the named views' heatmaps
+    only. By default ("auto") those are the views at or below the model's own size (64 here)."""
+    torch.manual_seed(0)
+    m, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=64, max_size=96)
+    x = torch.rand(3, 64, 64)
+    ts = TransformSet([48, 64, 80], flip=False)
+    run = lambda **kw: MultiTransformPredictor(m, ts, options=EnsembleOptions(score_thresh=0.0, **kw)).predict([x])[0]  # noqa: E731
+    auto, named, every, one = run(), run(keypoint_scales="48,64"), run(keypoint_scales="all"), run(keypoint_scales="80")
+    assert len(auto.ensembled.boxes) > 0
+    for o in (named, every, one):
+        assert torch.equal(o.ensembled.boxes, auto.ensembled.boxes) and torch.equal(o.ensembled.scores, auto.ensembled.scores)
+    assert torch.equal(auto.ensembled.keypoints, named.ensembled.keypoints)
+    assert not torch.allclose(auto.ensembled.keypoints, every.ensembled.keypoints)
+    assert not torch.allclose(every.ensembled.keypoints, one.ensembled.keypoints)
+    with pytest.raises(ValueError, match="keypoint_scales 100 not among the views' scales"):
+        MultiTransformPredictor(m, ts, options=EnsembleOptions(keypoint_scales="64,100"))
 
 
 def test_a_keypoint_view_with_no_detection_is_an_empty_list_not_a_crash():

@@ -248,7 +248,7 @@
         project: PID, checkpoint: +f.get("checkpoint"), dataset: +f.get("dataset"),
         validation: f.get("validation") ? +f.get("validation") : null,
         transforms: {scales: f.get("scales").split(",").map((s) => parseInt(s, 10)), flip: f.get("flip") === "on", max_size: 4000},
-        options: {method: f.get("method"), ...(TASK === "keypoints" ? {keypoint_size_dependence: f.get("size_dependence") === "on"} : {})}}});
+        options: {method: f.get("method"), ...(TASK === "keypoints" ? {keypoint_scales: f.get("keypoint_scales"), keypoint_size_dependence: f.get("size_dependence") === "on"} : {})}}});
       toast("inference started"); refresh();
     } catch (err) { fail(err); }
     btn.disabled = false;
