@@ -644,7 +644,8 @@ def step_tta(ctx: StepContext, p: dict):
     # ml_core.tta: views batched per scale, fp16 autocast on CUDA, images decoded by DataLoader workers
     ts = TransformSet(scales, flip=True, max_size=max_size)
     from ml_core.tta import EnsembleOptions
-    opts = EnsembleOptions(union_per_view=p.get("union_per_view", 1000))
+    # every view's heatmaps, as the hand loop computes them: the same work on both sides
+    opts = EnsembleOptions(union_per_view=p.get("union_per_view", 1000), keypoint_scales="all")
     predictor = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True,
                                         options=opts)
     predictor.predict([load_image(x) for x in paths[:group]])  # warm-up

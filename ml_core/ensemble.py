@@ -267,19 +267,6 @@ def heatmap_views(keypoint_scales: str, view_scales: list[int], base_scale: int)
     return [s in chosen for s in view_scales]
 
 
-def keypoint_view_mask(boxes: torch.Tensor, view_scales: list[int], base_scale: int, keypoint_scales: str = "all",
-                       size_dependence: bool = False, area_thresh: float = 150.0 ** 2) -> torch.Tensor | None:
-    """The (V, N) mask of which views vote on which box's keypoints: the views keypoint_scales
-    names, and of those, with size_dependence, the ones Detectron's scale-size rule allows (a box
-    the rule would leave without a view keeps the named ones). None: every view votes on every box."""
-    named = torch.as_tensor(heatmap_views(keypoint_scales, view_scales, base_scale), dtype=torch.bool,
-                            device=boxes.device)[:, None].expand(len(view_scales), len(boxes))
-    if not size_dependence:
-        return None if bool(named.all()) else named
-    keep = named & size_dependent_views(boxes, view_scales, base_scale, area_thresh)
-    return torch.where(keep.any(0, keepdim=True), keep, named)
-
-
 def size_dependent_views(boxes: torch.Tensor, view_scales: list[int], base_scale: int,
                          area_thresh: float = 150.0 ** 2) -> torch.Tensor:
     """Detectron's keypoint scale-size dependence: which views may vote on which box.

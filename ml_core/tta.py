@@ -158,8 +158,10 @@ class MultiTransformPredictor:
         self.flip_inds = flip_inds
         # the model's own test size: views above it are up-scaled, below it down-scaled
         self.base_scale = int(model.transform.min_size[-1])
-        if self.keypoints:
-            ensemble.heatmap_views(self.options.keypoint_scales, transforms.scales, self.base_scale)
+        # the scales whose views' heatmaps vote on the keypoints (the others give boxes only, and
+        # their keypoint head is never run); size dependence then chooses among these per box
+        self.keypoint_scales = {s for s, on in zip(transforms.scales, ensemble.heatmap_views(
+            self.options.keypoint_scales, transforms.scales, self.base_scale)) if on}
         cuda = self.device.type == "cuda"
         self.fast = cuda if fast is None else fast
         if compile_backbone and not self.fast:
@@ -253,12 +255,13 @@ class MultiTransformPredictor:
         results = [ImagePrediction(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         unions: list[list[Instances]] = [[] for _ in images]     # what is ensembled, per image
         flipped = [im.flip(-1) for im in images] if self.transforms.flip else []
-        per_scale = []  # (view list, feats, image_sizes) kept for the keypoint pass
+        per_scale = []  # (view list, feats, image_sizes) of the keypoint scales, kept for the keypoint pass
         for scale in self.transforms.scales:
             batch = images + flipped
             dets, shown_dets, feats, image_sizes = self._forward(batch, scale, shown)
             views = [View(scale, False)] * n + [View(scale, True)] * len(flipped)
-            per_scale.append((views, feats, image_sizes))
+            if self.keypoints and scale in self.keypoint_scales:
+                per_scale.append((views, feats, image_sizes))
             for j, v in enumerate(views):
                 r = results[j % n]
                 union = self._instances(dets[j], v, r.width)
@@ -277,7 +280,7 @@ class MultiTransformPredictor:
         return [self._to_cpu(r) for r in results]
 
     def _ensemble_keypoints(self, results: list[ImagePrediction], per_scale, n: int):
-        """Keypoint head of every view on the fixed ensembled boxes; heatmaps merged, then decoded."""
+        """Keypoint head of every keypoint view on the fixed ensembled boxes; heatmaps merged, then decoded."""
         heat: list[list[torch.Tensor]] = [[] for _ in results]
         flips: list[list[bool]] = [[] for _ in results]
         scales: list[int] = []
@@ -292,8 +295,9 @@ class MultiTransformPredictor:
             scales += [v.scale for v in views[::n]]
         o = self.options
         for i, r in enumerate(results):
-            keep = ensemble.keypoint_view_mask(r.ensembled.boxes, scales, self.base_scale, o.keypoint_scales,
-                                               o.keypoint_size_dependence, o.keypoint_area_thresh)
+            keep = None
+            if o.keypoint_size_dependence:
+                keep = ensemble.size_dependent_views(r.ensembled.boxes, scales, self.base_scale, o.keypoint_area_thresh)
             maps = ensemble.ensemble_heatmaps(heat[i], flips[i], self.flip_inds, o.heatmap_method, keep)
             kps, _ = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
             r.ensembled.keypoints = kps
@@ -358,6 +362,7 @@ class MultiTransformPredictor:
         hw = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         keep_rows = []
         flips = (False, True) if self.transforms.flip else (False,)
+        per_scale = [sf for sf in per_scale if sf.scale in self.keypoint_scales]
         for sf in per_scale:
             lists = []
             for f in flips:
@@ -369,9 +374,10 @@ class MultiTransformPredictor:
                 h = part.flip(-1)[:, self.flip_inds] if f else part
                 keep_rows.append(h)
         heat = torch.stack(keep_rows)                                      # [views, boxes, K, H, W]
-        scales = [sf.scale for sf in per_scale for _ in flips]
-        mask = ensemble.keypoint_view_mask(flat, scales, self.base_scale, o.keypoint_scales,
-                                           o.keypoint_size_dependence, o.keypoint_area_thresh)
+        mask = None
+        if o.keypoint_size_dependence:
+            scales = [sf.scale for sf in per_scale for _ in flips]
+            mask = ensemble.size_dependent_views(flat, scales, self.base_scale, o.keypoint_area_thresh)
         if mask is None:
             maps = heat.mean(0) if o.heatmap_method == "mean" else heat.amax(0)
         else:

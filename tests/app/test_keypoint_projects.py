@@ -32,6 +32,7 @@ def test_keypoint_workflow(as_alice, synth_kp):
     inf = as_alice.get(f"/api/inference-runs/{r.json()['id']}/").json()
     assert inf["job"]["state"] == "succeeded", inf["job"]["error"]
     assert inf["options"]["keypoint_size_dependence"] is True and inf["options"]["keypoint_area_thresh"] == 22500
+    assert inf["options"]["keypoint_scales"] == "auto"
     pred = as_alice.get(f"/api/inference-runs/{inf['id']}/predictions/").json()["results"][0]
     assert len(pred["ensembled"][0]["keypoints"]) == 27 and len(pred["views"]["s48-flip"][0]["keypoints"]) == 27
     pls = as_alice.post("/api/pseudo-label-sets/", {"run": inf["id"], "thresholds": 0.0}, format="json").json()
@@ -44,6 +45,16 @@ def test_bad_keypoint_area_is_a_clear_error(as_alice, det_project, teacher):
                                                "dataset": det_project["unlabeled"],
                                                "options": {"keypoint_area_thresh": 0}}, format="json")
     assert r.status_code == 400 and "keypoint_area_thresh must be positive" in r.json()["message"]
+
+
+def test_bad_keypoint_scales_are_a_clear_error(as_alice, det_project, teacher):
+    for scales, message in (("most", 'keypoint_scales must be "auto", "all" or scales'),
+                            ("64,999", "keypoint_scales 999 not among the views' scales (64, 96)")):
+        r = as_alice.post("/api/inference-runs/", {"project": det_project["project"], "checkpoint": teacher["checkpoint"],
+                                                   "dataset": det_project["unlabeled"],
+                                                   "transforms": {"scales": [64, 96]},
+                                                   "options": {"keypoint_scales": scales}}, format="json")
+        assert r.status_code == 400 and message in r.json()["message"], r.json()
 
 
 def test_keypoint_project_refuses_detection_data(as_alice, synth_kp):

@@ -96,20 +96,6 @@ def test_heatmap_views_auto_all_and_named():
             ensemble.heatmap_views(bad, [64, 96], 96)
 
 
-def test_keypoint_view_mask_combines_the_named_views_with_size_dependence():
-    boxes = torch.tensor([[0., 0, 10, 10], [0, 0, 200, 200]])            # one small box, one large
-    scales = [64, 96, 128]
-    assert ensemble.keypoint_view_mask(boxes, scales, 96, "all") is None
-    named = ensemble.keypoint_view_mask(boxes, scales, 96, "auto")
-    assert named.tolist() == [[True, True], [True, True], [False, False]]
-    both = ensemble.keypoint_view_mask(boxes, scales, 96, "auto", size_dependence=True)
-    # small: not the down-scaled 64; large: not the up-scaled 128 (already out)
-    assert both.tolist() == [[False, True], [True, True], [False, False]]
-    # a box the size rule would leave with no named view keeps the named ones
-    only_small = ensemble.keypoint_view_mask(boxes, scales, 96, "64", size_dependence=True)
-    assert only_small.tolist() == [[True, True], [False, False], [False, False]]
-
-
 def test_size_dependence_drops_down_scaled_views_for_small_boxes_and_up_scaled_for_large():
     from ml_core.ensemble import size_dependent_views
     boxes = T([[0, 0, 10, 10], [0, 0, 200, 200]])                   # areas 100 and 40,000
