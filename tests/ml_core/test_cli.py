@@ -28,6 +28,9 @@ def test_infer_select_evaluate_commands(tmp_path, capsys):
                  "--batch-size", "2", "--workers", "0", "--device", "cpu"]) == 0
     assert main(["infer", str(ck), str(data / "unlabeled.json"), "--scales", "48,64", "--out", str(tmp_path / "p.json"),
                  "--views-out", str(tmp_path / "v.json"), "--workers", "1", "--device", "cpu"]) == 0  # forkserver loading
+    assert main(["infer", str(ck), str(data / "unlabeled.json"), "--scales", "48,64", "--keypoint-scales", "50",
+                 "--out", str(tmp_path / "x.json"), "--workers", "0", "--device", "cpu"]) == 2
+    assert "keypoint_scales 50 not among the views' scales (48, 64)" in capsys.readouterr().err
     views = json.loads((tmp_path / "v.json").read_text())
     assert {v["view"] for v in views} <= {"s48", "s48-flip", "s64", "s64-flip"}
     assert main(["select", str(tmp_path / "p.json"), str(data / "unlabeled.json"), "--threshold", "auto",
