@@ -473,8 +473,8 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
         results[name] = evaluate(ckpt, str(d / "val.json"), str(d / "val"), device=device)
     training = {name: {"iterations": st.iteration, "bound": st.config.iterations, "best": st.best,
                        "stopped": st.stopped, "validation": st.val_history} for name, st in states.items()}
-    report = {"arch": o.arch, "device": device, "transforms": o.transforms.to_dict(), "threshold": thresholds["ensembled"],
-              "thresholds": thresholds, "target_per_image": target, "val_images": len(load_coco(d / "val.json").images),
+    report = {"arch": o.arch, "device": device, "transforms": o.transforms.to_dict(), "options": vars(o.options),
+              "threshold": thresholds["ensembled"], "thresholds": thresholds, "target_per_image": target, "val_images": len(load_coco(d / "val.json").images),
               "teacher_config": teacher_cfg.to_dict(), "student_config": student_cfg.to_dict(),
               "student_init": o.init, "results": results, "pseudo_label_quality": quality, "training": training,
               "rounds": rounds}

@@ -15,7 +15,7 @@ def test_pipeline_end_to_end_on_cpu(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert set(report["results"]) == {"teacher", "student (ensembled)", "control (teacher + labels only)",
                                       "student (ensembled) round 2"}
-    assert "AP" in report["results"]["teacher"]["bbox"]
+    assert "AP" in report["results"]["teacher"]["bbox"] and report["options"]["keypoint_scales"] == "auto"
     assert [r["round"] for r in report["rounds"]] == [1, 2] and report["rounds"][1]["teacher"].endswith("student.pt")
     assert report["training"]["teacher"]["validation"][-1]["iteration"] == 3
 
