@@ -21,7 +21,7 @@ def run_suite(out: Path, *args, env=None, timeout=300):
 
 def test_smoke_runs_every_step_with_figures_and_no_error(tmp_path):
     # about 55 s on two idle cores (the smoke default budget is 110 s). A loaded machine gets more:
-    # with two benchmarks beside the test run on two cores, the first two steps alone took 232 s and
+    # with two benchmarks beside the test run on two cores, the first two steps alone took about 240 s and
     # a budget of 240 s skipped the third; the budget bounds the time, the steps' work is the same
     r, report = run_suite(tmp_path, "--budget-s", "600", timeout=660)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
