@@ -86,7 +86,9 @@ def measure(teacher: str, data: Path, scales: list[int], box_scales: list[int], 
                 maps = ensemble.ensemble_heatmaps([logits[v][i] for v in views], [v.flip for v in views],
                                                   predictor.flip_inds, "mean", keep)
                 kps, _ = ensemble.decode_heatmaps(maps, boxes[i])
-                items = []   # boxes and scores unrounded, unlike Instances.as_list: the variants may differ by less
+                # boxes and scores unrounded, unlike Instances.as_list: the variants may differ by less than
+                # its rounding
+                items = []
                 for bx, s, lab, k in zip(boxes[i].tolist(), r.ensembled.scores.tolist(), r.ensembled.labels.tolist(),
                                          kps.tolist()):
                     items.append({"bbox": [bx[0], bx[1], bx[2] - bx[0], bx[3] - bx[1]], "score": s, "label": lab,
