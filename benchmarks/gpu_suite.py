@@ -57,7 +57,7 @@ COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]  # 17 COC
 GPU = {
     "tta_fasterrcnn": dict(arch="fasterrcnn_resnet50_fpn", size=[640, 480], scales=[400, 600, 800, 1000],
                            max_size=2000, group=8, workers=6, hand_images=32, tta_images=128, split_reps=4,
-                           budget_s=105, min_s=20),
+                           budget_s=130, min_s=20),
     "tta_keypointrcnn": dict(arch="keypointrcnn_resnet50_fpn", num_keypoints=17, size=[640, 480],
                              scales=[400, 600, 800, 1000], max_size=2000, group=8, workers=6, hand_images=24,
                              tta_images=96, split_reps=3, budget_s=85, min_s=20),
@@ -501,8 +501,9 @@ def _predict_split(ctx: StepContext, predictor, images: list[torch.Tensor], reps
                 ctx.sync()
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
         return wrapper
-    targets = [(predictor.batched, "run", "views_forward"), (ensemble, "ensemble_boxes_flat", "box_ensembling"),
-               (ensemble, "agreement_padded", "agreement")]
+    targets = [(predictor.batched, "scale_passes", "views_backbone_passes"),
+               (predictor.batched, "detections", "views_heads"),
+               (ensemble, "ensemble_boxes_flat", "box_ensembling"), (ensemble, "agreement_padded", "agreement")]
     if predictor.keypoints:
         targets.append((predictor, "_ensemble_keypoints_fast", "keypoint_ensembling"))
     saved = [(obj, attr, obj.__dict__.get(attr)) for obj, attr, _ in targets]
@@ -553,9 +554,22 @@ def _profile(ctx: StepContext, fn, rows: int = 25) -> dict:
         return getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
     total = sum(self_us(e) for e in events) or 1
     top = sorted(events, key=self_us, reverse=True)[:rows]
+    busy = None
+    if cuda:
+        # how much of the profiled interval the device was running a kernel at all (the union of
+        # the kernels' intervals): the rest it waited for the host
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        busy, end = 0.0, float("-inf")
+        for a, b in spans:
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        busy = {"device_busy_ms": _r(busy / 1000, 2),
+                "device_span_ms": _r((spans[-1][1] - spans[0][0]) / 1000, 2) if spans else None}
     return {"what": "one MultiTransformPredictor.predict over the group, under torch.profiler (slower than "
                     "unprofiled); " + ("GPU kernels by self time" if cuda else "operators by CPU self time"),
-            "wall_s_profiled": _r(wall), "device_self_ms_total": _r(total / 1000, 2),
+            "wall_s_profiled": _r(wall), "device_self_ms_total": _r(total / 1000, 2), **(busy or {}),
             "top": [{"name": e.key, "calls": e.count, "self_ms": _r(self_us(e) / 1000, 3),
                      "share": _r(self_us(e) / total, 4)} for e in top]}
 
@@ -581,6 +595,24 @@ def _time_variant(ctx: StepContext, predictor, paths: list[str], p: dict, base: 
     r = _time_tta(ctx, predictor, paths[:p["tta_images"]], p["group"], p["workers"],
                   min(ctx.cap(fraction), ctx.left() / 3))
     return {**r, **what, "speedup": _r(r["images_per_s"] / base, 2)}
+
+
+def _same_predictions(a, b, paths: list[str], group: int) -> dict:
+    """run_inference with predictors a and b over the same files: how many images' ensembled
+    predictions (boxes, scores, labels, keypoints) and shown views are bit for bit the same."""
+    from ml_core.tta import run_inference
+
+    def flat(pred):
+        e = pred.ensembled
+        parts = [e.boxes, e.scores, e.labels.float()] + ([e.keypoints] if e.keypoints is not None else [])
+        parts += [t.float() for v in pred.views.values() for t in (v.boxes, v.scores, v.labels)]
+        return [t.flatten() for t in parts]
+    got_a = {i: flat(p) for i, p, _ in run_inference(a, paths, group_size=group, num_workers=2)}
+    got_b = {i: flat(p) for i, p, _ in run_inference(b, paths, group_size=group, num_workers=2)}
+    same = sum(all(torch.equal(x, y) for x, y in zip(got_a[i], got_b[i])) for i in got_a)
+    diff = max((float((x - y).abs().max()) if x.shape == y.shape and x.numel() else (0.0 if x.shape == y.shape
+                else float("inf")) for i in got_a for x, y in zip(got_a[i], got_b[i])), default=0.0)
+    return {"images": len(got_a), "identical": same, "max_abs_diff": diff}
 
 
 def _time_hand_loop(ctx: StepContext, hand, paths: list[str], cap: float) -> dict:
@@ -765,6 +797,18 @@ def step_tta(ctx: StepContext, p: dict):
         r = fig["ml_core_tta_keypoint_head_nchw"] = _time_variant(ctx, alt, paths, p, base, 0.12,
                                                                   keypoint_head="NCHW (the model's own)")
         ctx.log(f"ml_core.tta with the keypoint head in NCHW {r['images_per_s']} images/s, x{r['speedup']}")
+        ctx.save()
+
+    # groups one after another (no overlap of a group's second half with the next group's backbone
+    # passes), and whether the overlapped run gives the same predictions (a race would not)
+    if ctx.suite.args.smoke or (device.type == "cuda" and ctx.left() > 16):
+        seq = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True,
+                                      options=opts, overlap=False)
+        r = fig["ml_core_tta_no_overlap"] = _time_variant(ctx, seq, paths, p, base, 0.1,
+                                                          overlap="none: each group completed before the next")
+        r["same_predictions_as_overlapped"] = _same_predictions(predictor, seq, paths[:2 * group], group)
+        ctx.log(f"ml_core.tta without overlap {r['images_per_s']} images/s, x{r['speedup']}; "
+                f"same predictions as overlapped: {r['same_predictions_as_overlapped']}")
         ctx.save()
 
     # the same batching in fp32: what batching alone buys (on the CPU, where there is no fp16 path,

@@ -43,8 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from .device import to_device
 from .inference_backbone import cudnn_autotuned, inference_backbone
 from .nms import padded_nms, sort_groups
 from .models import rpn_features
@@ -156,6 +158,22 @@ class ViewDetections:
     shown: "ViewDetections | None" = None   # with run(shown=...): each view NMS'd as the model gives it
 
 
+@dataclass
+class ScalePasses:
+    """What `BatchedViews.scale_passes` leaves for `detections`: each scale's features and RPN
+    candidates ([B, L, P] padded boxes, scores, validity), the original images' (height, width),
+    and whether mirrored views follow the plain ones in each scale's batch."""
+
+    per_scale: list[ScaleFeatures]
+    cands: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    image_sizes: list[tuple[int, int]]
+    flip: bool
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device tensor it holds (for a stream that did not make them: record_stream)."""
+        return [t for sf in self.per_scale for t in sf.features.values()] + [t for c in self.cands for t in c]
+
+
 class BatchedViews:
     """Runs a torchvision GeneralizedRCNN (Faster / Keypoint R-CNN) over all views of a group.
 
@@ -178,6 +196,7 @@ class BatchedViews:
                 self.backbone = copy.deepcopy(model.backbone).eval()
             self.backbone = torch.compile(self.backbone, dynamic=False)
         self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
+        self._norm: dict = {}                       # the transform's mean and std on each device
         # the keypoint head's eight 3x3 convolutions on every RoI: in channels_last on CUDA too (in
         # NCHW, cuDNN's fp16 kernels convert every layer's input and output to NHWC and back)
         rh = model.roi_heads
@@ -187,10 +206,45 @@ class BatchedViews:
             (copy.deepcopy(m).eval().to(memory_format=torch.channels_last) for m in (rh.keypoint_head, rh.keypoint_predictor))
 
     # ---- stage 1: one scale through transform, backbone and the RPN's candidate selection
-    def _scale_forward(self, batch: list[torch.Tensor], scale: int, max_size: int, stop_after: str | None):
+    def _normalized(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """transform.normalize of each image (the same arithmetic), with the mean and std kept on the
+        device: torchvision makes them from Python lists at every call, a copy that waits for the
+        device's queued work (a host synchronisation per image and scale)."""
         t = self.model.transform
-        t.min_size, t.max_size = (scale,), max_size
-        image_list, _ = t(batch)
+        key = (images[0].device, images[0].dtype)
+        if key not in self._norm:
+            self._norm[key] = tuple(to_device(v, key[0], key[1])[:, None, None] for v in (t.image_mean, t.image_std))
+        mean, std = self._norm[key]
+        if len({im.shape for im in images}) == 1:
+            return list(torch.sub(torch.stack(images), mean).div_(std))
+        return [(im - mean) / std for im in images]
+
+    def _transform(self, normalized: list[torch.Tensor], scale: int, max_size: int) -> ImageList:
+        """transform(batch) for normalized images at one view scale: each image resized as
+        torchvision's _resize_image_and_masks does (the same scale factor, bilinear, recomputed
+        from the sizes), images of one size resized together (per image the same arithmetic), then
+        padded to the size divisor into one batch."""
+        t = self.model.transform
+        by_shape: dict[tuple, list[int]] = {}
+        for i, im in enumerate(normalized):
+            by_shape.setdefault(tuple(im.shape[-2:]), []).append(i)
+        resized: list[torch.Tensor] = [None] * len(normalized)
+        for (h, w), idx in by_shape.items():
+            factor = min(scale / min(h, w), max_size / max(h, w))
+            x = nn.functional.interpolate(torch.stack([normalized[i] for i in idx]), scale_factor=factor,
+                                          mode="bilinear", recompute_scale_factor=True, align_corners=False)
+            for j, i in enumerate(idx):
+                resized[i] = x[j]
+        sizes = [(int(r.shape[-2]), int(r.shape[-1])) for r in resized]
+        if len(by_shape) == 1:                                     # one size: pad the batch in one go
+            d = t.size_divisible
+            h, w = sizes[0]
+            H, W = -(-h // d) * d, -(-w // d) * d
+            return ImageList(nn.functional.pad(x, (0, W - w, 0, H - h)), sizes)
+        return ImageList(t.batch_images(resized, size_divisible=t.size_divisible), sizes)
+
+    def _scale_forward(self, normalized: list[torch.Tensor], scale: int, max_size: int, stop_after: str | None):
+        image_list = self._transform(normalized, scale, max_size)
         if stop_after == "transform":
             return None
         x = image_list.tensors
@@ -229,7 +283,7 @@ class BatchedViews:
             valid.append(nn.functional.pad(torch.ones_like(top, dtype=torch.bool), (0, pad)))
             offset += n
         boxes, scores, valid = torch.stack(boxes, 1), torch.stack(scores, 1), torch.stack(valid, 1)
-        hw = torch.tensor(image_list.image_sizes, device=boxes.device, dtype=boxes.dtype)  # [B, 2]
+        hw = to_device(image_list.image_sizes, boxes.device, boxes.dtype)                  # [B, 2]
         boxes = _clip(boxes, hw[:, None, None])
         ws, hs = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid &= (ws >= rpn.min_size) & (hs >= rpn.min_size) & (scores >= rpn.score_thresh)
@@ -308,20 +362,27 @@ class BatchedViews:
     def run(self, images: list[torch.Tensor], scales: list[int], flip: bool, max_size: int,
             flip_inds: list[int] | None = None, autocast=None, stop_after: str | None = None,
             shown: tuple[float, int] | None = None) -> ViewDetections | None:
-        """Every view of every image. stop_after ('transform', 'backbone', 'rpn', 'roi_heads') ends
-        early, for timing the stages; the result is then None.
+        """Every view of every image: `scale_passes` then `detections`. stop_after ('transform',
+        'backbone', 'rpn', 'roi_heads') ends early, for timing the stages; the result is then None.
 
         shown=(nms_thresh, detections_per_img): also each view as the model gives it with these
         settings, from the same box-head outputs (result.shown, boxes only). For the pre-NMS union:
         the heads' own settings then say nms_thresh >= 1 (no NMS) and the union's depth per view."""
-        if shown is not None and self.keypoints:
-            raise ValueError("shown views are for the pre-NMS union of box models; a keypoint model's "
-                             "keypoint head would run on every union box")
+        passes = self.scale_passes(images, scales, flip, max_size, autocast, stop_after)
+        if passes is None:
+            return None
+        return self.detections(passes, flip_inds, autocast, stop_after, shown)
+
+    @torch.inference_mode()
+    def scale_passes(self, images: list[torch.Tensor], scales: list[int], flip: bool, max_size: int,
+                     autocast=None, stop_after: str | None = None) -> "ScalePasses | None":
+        """The first half: every scale's batch (the images, then their mirrors) through the
+        transform, the backbone and the RPN's candidate selection. Queues its device work without a
+        host synchronisation, so that a caller can start the next group's while this one's
+        `detections` runs (MultiTransformPredictor.launch)."""
         autocast = autocast or contextlib.nullcontext
-        n = len(images)
-        batch = images + ([im.flip(-1) for im in images] if flip else [])
-        m = len(batch)
-        dev = images[0].device
+        normalized = self._normalized(images)
+        batch = normalized + ([im.flip(-1) for im in normalized] if flip else [])
         per_scale, cands = [], []
         with autocast():
             for s in scales:
@@ -331,8 +392,24 @@ class BatchedViews:
                 image_list, feats, c = r
                 per_scale.append(ScaleFeatures(s, feats, list(image_list.image_sizes)))
                 cands.append(c)
-            if stop_after in ("transform", "backbone"):
-                return None
+        if stop_after in ("transform", "backbone"):
+            return None
+        return ScalePasses(per_scale, cands, [tuple(im.shape[-2:]) for im in images], flip)
+
+    @torch.inference_mode()
+    def detections(self, passes: "ScalePasses", flip_inds: list[int] | None = None, autocast=None,
+                   stop_after: str | None = None, shown: tuple[float, int] | None = None) -> ViewDetections | None:
+        """The second half: proposals, the box head, post-processing and (keypoint models) each
+        view's keypoint head, mapped back to the original images. Arguments as `run`'s."""
+        if shown is not None and self.keypoints:
+            raise ValueError("shown views are for the pre-NMS union of box models; a keypoint model's "
+                             "keypoint head would run on every union box")
+        autocast = autocast or contextlib.nullcontext
+        per_scale, cands, flip = passes.per_scale, passes.cands, passes.flip
+        n = len(passes.image_sizes)
+        m = n * (2 if flip else 1)
+        dev = cands[0][0].device
+        with autocast():
             P = max(c[0].shape[2] for c in cands)
             pad = [tuple(nn.functional.pad(x, (0, 0, 0, P - x.shape[2])) if x.dim() == 4 else
                          nn.functional.pad(x, (0, P - x.shape[2])) for x in c) for c in cands]
@@ -347,7 +424,7 @@ class BatchedViews:
                 lg, rg = self._box_head(sf.features, proposals[i * m:(i + 1) * m], sf.image_sizes)
                 logits.append(lg)
                 regression.append(rg)
-        sizes = torch.tensor([hw for sf in per_scale for hw in sf.image_sizes], device=dev, dtype=torch.float32)
+        sizes = to_device([hw for sf in per_scale for hw in sf.image_sizes], dev, torch.float32)
         logits, regression = torch.cat(logits), torch.cat(regression)
         rh = self.model.roi_heads
         settings = [(rh.nms_thresh, rh.detections_per_img)] + ([tuple(shown)] if shown is not None else [])
@@ -359,9 +436,10 @@ class BatchedViews:
         if stop_after == "roi_heads":
             return None
         # back to the original images: resize (as transform.postprocess), then un-flip
-        orig = torch.tensor([tuple(im.shape[-2:]) for im in batch] * len(per_scale), device=dev, dtype=torch.float32)
+        views = len(per_scale)
+        orig = to_device(passes.image_sizes * (m // n) * views, dev, torch.float32)
         ratio = orig / sizes                                                    # [V, 2] (h, w)
-        flipped = torch.tensor(([False] * n + [True] * (m - n)) * len(per_scale), device=dev)
+        flipped = to_device(([False] * n + [True] * (m - n)) * views, dev)
         W = orig[:, 1, None]
 
         def to_original(b):

@@ -10,6 +10,12 @@ speed with the same outputs up to float rounding:
   + ReLU, as one cuDNN call each on CUDA (`aten::cudnn_convolution_relu` / `_add_relu`), so the
   bias, the residual sum and the ReLU do not each read and write the whole activation again.
   Elsewhere the fused modules run the same ops one after another.
+* `TopDownInPrecision`: the FPN's top-down nearest upsampling in the features' own precision.
+  Autocast runs every upsampling in float32, so under fp16 each level's upsampled map, and the sum
+  with its lateral (fp16 + fp32 = fp32), were float32 passes over the largest maps, cast back to
+  fp16 by the next conv (a profile on an H200: the float32 upsampling, sums and casts about 8 % of
+  a group's device time). Nearest upsampling copies values, so only the sum is rounded to fp16
+  earlier, which the next conv did anyway.
 * channels_last memory format (cuDNN's fp16 kernels work in NHWC).
 * `cudnn_autotuned`: cudnn.benchmark around the backbone and the RPN head.
 """
@@ -17,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 
 # --- batch norms folded into the convolutions ----------------------------------------------------
@@ -199,6 +207,43 @@ def fuse_conv_relu(module: nn.Module) -> int:
     return n
 
 
+# --- the FPN's top-down path in the features' precision -------------------------------------------
+
+class TopDownInPrecision(nn.Module):
+    """torchvision's FeaturePyramidNetwork forward with its nearest upsampling outside autocast
+    (in the dtype of the map it upsamples); the same modules, the same order of operations."""
+
+    def __init__(self, fpn: FeaturePyramidNetwork):
+        super().__init__()
+        self.fpn = fpn
+
+    def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        fpn = self.fpn
+        names, x = list(x.keys()), list(x.values())
+        last_inner = fpn.get_result_from_inner_blocks(x[-1], -1)
+        results = [fpn.get_result_from_layer_blocks(last_inner, -1)]
+        for idx in range(len(x) - 2, -1, -1):
+            inner_lateral = fpn.get_result_from_inner_blocks(x[idx], idx)
+            with torch.autocast(inner_lateral.device.type, enabled=False):
+                top_down = F.interpolate(last_inner, size=inner_lateral.shape[-2:], mode="nearest")
+            last_inner = inner_lateral + top_down
+            results.insert(0, fpn.get_result_from_layer_blocks(last_inner, idx))
+        if fpn.extra_blocks is not None:
+            results, names = fpn.extra_blocks(results, x, names)
+        return OrderedDict(zip(names, results))
+
+
+def top_down_in_precision(module: nn.Module) -> int:
+    """In place: every torchvision FeaturePyramidNetwork child becomes TopDownInPrecision."""
+    n = 0
+    for m in list(module.modules()):
+        for name, child in list(m._modules.items()):
+            if type(child) is FeaturePyramidNetwork:
+                m._modules[name] = TopDownInPrecision(child)
+                n += 1
+    return n
+
+
 # --- the copy ---------------------------------------------------------------------------------------
 
 def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool, fuse: bool = False) -> nn.Module:
@@ -212,6 +257,7 @@ def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool, 
         fold_batch_norms(b)
     if fuse:
         fuse_conv_relu(b)
+    top_down_in_precision(b)
     if channels_last:
         b = b.to(memory_format=torch.channels_last)
     return b

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .device import to_device
+
 
 def batched_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """[G, K, 4] x [G, N, 4] -> [G, K, N]. eps=0 divides exactly as torchvision's NMS kernels do
@@ -129,8 +131,8 @@ def grouped_rows(key: torch.Tensor, scores: torch.Tensor, num_groups: int):
 def chunk_rows(order: torch.Tensor, counts: list[int], starts: list[int], groups: list[int], width: int):
     """The rows of some groups padded to [len(groups), width] (row indices, validity)."""
     dev = order.device
-    st = torch.tensor([starts[g] for g in groups], device=dev)
-    ct = torch.tensor([counts[g] for g in groups], device=dev)
+    st = to_device([starts[g] for g in groups], dev)
+    ct = to_device([counts[g] for g in groups], dev)
     pos = torch.arange(width, device=dev)
     valid = pos[None, :] < ct[:, None]
     idx = (st[:, None] + pos[None, :]).clamp_(max=max(len(order) - 1, 0))

@@ -107,3 +107,26 @@ def test_a_cudnn_without_the_fused_kernels_falls_back_to_separate_ops(monkeypatc
         assert torch.allclose(want[k], got[k], atol=1e-4, rtol=1e-4)
     stem = next(x for x in fused.modules() if isinstance(x, ConvReLU))
     assert not stem._cudnn.usable                              # not tried again
+
+
+def test_the_top_down_path_in_precision_gives_the_fpns_features():
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+    from ml_core.inference_backbone import TopDownInPrecision
+    m = _model("fasterrcnn_resnet18_fpn")
+    copy = inference_backbone(m.backbone, fold=True, channels_last=False)
+    assert isinstance(copy.fpn, TopDownInPrecision) and type(m.backbone.fpn) is FeaturePyramidNetwork
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = m.backbone.body(x)
+        a, b = m.backbone.fpn(feats), copy.fpn(feats)
+    assert list(a) == list(b)                      # the same levels, in the same order
+    for k in a:
+        assert torch.equal(a[k], b[k])             # the same modules and operations: bit for bit
+    # under autocast the upsampled map keeps the lateral's precision (torch upsamples in float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = {k: v.to(torch.bfloat16) for k, v in feats.items()}
+        c = copy.fpn(low)
+    for k in a:
+        assert c[k].dtype == torch.bfloat16
+        assert torch.allclose(c[k].float(), a[k], atol=0.05 * float(a[k].abs().max()))

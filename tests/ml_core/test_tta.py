@@ -165,3 +165,36 @@ def test_pre_nms_union_is_refused_for_keypoint_models():
         MultiTransformPredictor(m, TransformSet([64], flip=False), options=EnsembleOptions(union="pre_nms"))
     with pytest.raises(ValueError, match="union"):
         EnsembleOptions(union="everything")
+
+
+def test_groups_launched_ahead_give_what_predict_gives(tmp_path):
+    """run_inference launches each group before completing the one before it: the predictions are
+    predict()'s, group by group, in order."""
+    import numpy as np
+    from PIL import Image
+
+    from ml_core.data import load_image
+    torch.manual_seed(0)
+    m, _ = build_model("fasterrcnn_tiny", 3, 0, min_size=64, max_size=64)
+    m.eval()
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((48 + 8 * i, 64, 3)) * 255).astype("uint8")).save(p)
+        paths.append(str(p))
+    for fast in (False, True):
+        pred = MultiTransformPredictor(m, TransformSet([48, 64]), fast=fast)
+        got = list(run_inference(pred, paths, group_size=2, num_workers=0))
+        assert [i for i, _, _ in got] == list(range(5))
+        for k in range(0, 5, 2):
+            want = pred.predict([load_image(p) for p in paths[k:k + 2]])
+            for w, (_, p, err) in zip(want, got[k:k + 2]):
+                assert err is None
+                assert torch.equal(w.ensembled.boxes, p.ensembled.boxes)
+                assert torch.equal(w.ensembled.scores, p.ensembled.scores)
+
+
+def test_overlap_needs_the_fast_path_on_cuda():
+    m, _ = build_model("fasterrcnn_tiny", 3, 0, min_size=64, max_size=64)
+    with pytest.raises(ValueError, match="overlapping groups"):
+        MultiTransformPredictor(m, TransformSet([64]), fast=True, overlap=True)
