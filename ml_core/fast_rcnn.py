@@ -47,7 +47,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from .device import to_device
-from .inference_backbone import cudnn_autotuned, inference_backbone
+from .inference_backbone import cudnn_autotuned, inference_backbone, inference_head
 from .nms import padded_nms, sort_groups
 from .models import rpn_features
 
@@ -195,6 +195,8 @@ class BatchedViews:
             if self.backbone is model.backbone:
                 self.backbone = copy.deepcopy(model.backbone).eval()
             self.backbone = torch.compile(self.backbone, dynamic=False)
+        # the RPN head's 3x3 conv + ReLU on every level, as one cuDNN call, in channels_last
+        self.rpn_head = inference_head(model.rpn.head, channels_last=channels_last, fuse=fuse_conv_relu)
         self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
         self._norm: dict = {}                       # the transform's mean and std on each device
         # the keypoint head's eight 3x3 convolutions on every RoI: in channels_last on CUDA too (in
@@ -261,7 +263,7 @@ class BatchedViews:
         and masked as torchvision's filter_proposals would drop them: [B, L, P] padded."""
         rpn = self.model.rpn
         fl = rpn_features(rpn, feats)  # the maps the RPN reads
-        objectness, deltas = rpn.head(fl)
+        objectness, deltas = self.rpn_head(fl)
         anchors = rpn.anchor_generator(image_list, fl)[0]             # same for every image of the batch
         per_level = [o[0].numel() for o in objectness]
         obj, dl = concat_box_prediction_layers(objectness, deltas)

@@ -10,12 +10,14 @@ speed with the same outputs up to float rounding:
   + ReLU, as one cuDNN call each on CUDA (`aten::cudnn_convolution_relu` / `_add_relu`), so the
   bias, the residual sum and the ReLU do not each read and write the whole activation again.
   Elsewhere the fused modules run the same ops one after another.
-* `TopDownInPrecision`: the FPN's top-down nearest upsampling in the features' own precision.
-  Autocast runs every upsampling in float32, so under fp16 each level's upsampled map, and the sum
-  with its lateral (fp16 + fp32 = fp32), were float32 passes over the largest maps, cast back to
-  fp16 by the next conv (a profile on an H200: the float32 upsampling, sums and casts about 8 % of
-  a group's device time). Nearest upsampling copies values, so only the sum is rounded to fp16
-  earlier, which the next conv did anyway.
+* `TopDownInPrecision`: the FPN's top-down nearest upsampling in the features' own precision,
+  fused with the sum with its lateral. Autocast runs every upsampling in float32, so under fp16
+  each level's upsampled map, and the sum with its lateral (fp16 + fp32 = fp32), were float32
+  passes over the largest maps, cast back to fp16 by the next conv (a profile on an H200: the
+  float32 upsampling, sums and casts about 8 % of a group's device time). Nearest upsampling
+  copies values, so only the sum is rounded to fp16 earlier, which the next conv did anyway.
+* `inference_head`: the same copy (conv + bias + ReLU fused, channels_last) of the RPN head, whose
+  3x3 conv and ReLU run on every pyramid level of every view.
 * channels_last memory format (cuDNN's fp16 kernels work in NHWC).
 * `cudnn_autotuned`: cudnn.benchmark around the backbone and the RPN head.
 """
@@ -210,8 +212,8 @@ def fuse_conv_relu(module: nn.Module) -> int:
 # --- the FPN's top-down path in the features' precision -------------------------------------------
 
 class TopDownInPrecision(nn.Module):
-    """torchvision's FeaturePyramidNetwork forward with its nearest upsampling outside autocast
-    (in the dtype of the map it upsamples); the same modules, the same order of operations."""
+    """torchvision's FeaturePyramidNetwork forward with its nearest upsampling and the sum with the
+    lateral in the maps' own precision (`upsample_add`); the same modules, the same values."""
 
     def __init__(self, fpn: FeaturePyramidNetwork):
         super().__init__()
@@ -224,13 +226,30 @@ class TopDownInPrecision(nn.Module):
         results = [fpn.get_result_from_layer_blocks(last_inner, -1)]
         for idx in range(len(x) - 2, -1, -1):
             inner_lateral = fpn.get_result_from_inner_blocks(x[idx], idx)
-            with torch.autocast(inner_lateral.device.type, enabled=False):
-                top_down = F.interpolate(last_inner, size=inner_lateral.shape[-2:], mode="nearest")
-            last_inner = inner_lateral + top_down
+            last_inner = upsample_add(inner_lateral, last_inner)
             results.insert(0, fpn.get_result_from_layer_blocks(last_inner, idx))
         if fpn.extra_blocks is not None:
             results, names = fpn.extra_blocks(results, x, names)
         return OrderedDict(zip(names, results))
+
+
+def upsample_add(lateral: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """lateral + nearest-upsampled top (to lateral's size), in their own precision. Where lateral is
+    exactly twice top's size (the FPN's levels when the batch is padded to the size divisor) the
+    upsampling is a broadcast inside the sum: one pass, no upsampled map written and read again
+    (nearest at a scale of exactly 1/2 reads source row y // 2, column x // 2: the same values)."""
+    n, c, h2, w2 = lateral.shape
+    h, w = top.shape[-2:]
+    if h2 == 2 * h and w2 == 2 * w:
+        try:
+            pairs = lateral.view(n, c, h, 2, w, 2)          # NCHW and channels_last both split so
+        except RuntimeError:
+            pairs = None
+        if pairs is not None:
+            return (pairs + top[:, :, :, None, :, None]).reshape(n, c, h2, w2)
+    with torch.autocast(lateral.device.type, enabled=False):
+        top_down = F.interpolate(top, size=(h2, w2), mode="nearest")
+    return lateral + top_down
 
 
 def top_down_in_precision(module: nn.Module) -> int:
@@ -261,6 +280,17 @@ def inference_backbone(backbone: nn.Module, *, fold: bool, channels_last: bool, 
     if channels_last:
         b = b.to(memory_format=torch.channels_last)
     return b
+
+
+def inference_head(head: nn.Module, *, channels_last: bool, fuse: bool) -> nn.Module:
+    """A copy of a head of convolutions (torchvision's RPNHead) with conv + ReLU fused and in
+    channels_last, for inference; the head itself where neither applies."""
+    if not fuse and not channels_last:
+        return head
+    h = copy.deepcopy(head).eval()
+    if fuse:
+        fuse_conv_relu(h)
+    return h.to(memory_format=torch.channels_last) if channels_last else h
 
 
 @contextlib.contextmanager

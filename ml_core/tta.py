@@ -172,12 +172,15 @@ class MultiTransformPredictor:
         # compile_backbone: torch.compile the fast path's backbone (one compile per input shape)
         self.batched = BatchedViews(self.model, fold_bn=cuda, channels_last=cuda, fuse_conv_relu=cuda,
                                     compile_backbone=compile_backbone) if self.fast else None
-        # overlap (the default on CUDA's fast path): `launch` queues a group's backbone passes on a
+        # overlap (on CUDA's fast path, for box models by default): `launch` queues a group's backbone passes on a
         # stream of their own, so that run_inference can start the next group's while this group's
         # second half (proposals, heads, ensembling: many small steps, several of which wait for
         # the device) runs on a second stream of higher priority; the device fills the second
         # half's gaps with the next group's convolutions (measured in benchmarks/gpu_suite.py).
-        self.overlap = (self.fast and cuda) if overlap is None else overlap
+        # Box models only by default: on an H200 (benchmarks/results/gpu_suite_h200_overlap.json)
+        # overlap gave Faster R-CNN +11 % and Keypoint R-CNN -7 %, whose second half (the keypoint
+        # head on every view's boxes, twice) is itself large convolutions with few gaps to fill.
+        self.overlap = (self.fast and cuda and not self.keypoints) if overlap is None else overlap
         if self.overlap and not (self.fast and cuda):
             raise ValueError("overlapping groups needs the fast path on CUDA")
         self._streams = (torch.cuda.Stream(self.device, priority=0), torch.cuda.Stream(self.device, priority=-1)) \

@@ -155,12 +155,13 @@ def test_batched_heatmap_decoding_equals_torchvision():
 
 
 def test_gpu_layout_keypoint_views_equal_the_plain_fast_path():
-    """The CUDA configuration (folded backbone, channels_last backbone and keypoint head copies, the
-    upsampling outside autocast) on the CPU: the same views as the fast path without it."""
+    """The CUDA configuration (folded and fused backbone and RPN head, channels_last copies of them
+    and of the keypoint head, the upsamplings outside autocast) on the CPU: the same views as the fast path without it."""
     m = _model("keypointrcnn_tiny", nk=5, classes=2)
     images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
     a = fast_rcnn.BatchedViews(m).run(images, [48, 64], True, 200, FLIP5)
-    gpu_like = fast_rcnn.BatchedViews(m, fold_bn=True, channels_last=True)
+    gpu_like = fast_rcnn.BatchedViews(m, fold_bn=True, channels_last=True, fuse_conv_relu=True)
+    assert gpu_like.rpn_head is not m.rpn.head
     assert gpu_like.keypoint_head is not m.roi_heads.keypoint_head          # a copy; the model is untouched
     b = gpu_like.run(images, [48, 64], True, 200, FLIP5)
     assert torch.equal(a.valid, b.valid)

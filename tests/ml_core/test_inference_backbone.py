@@ -130,3 +130,32 @@ def test_the_top_down_path_in_precision_gives_the_fpns_features():
     for k in a:
         assert c[k].dtype == torch.bfloat16
         assert torch.allclose(c[k].float(), a[k], atol=0.05 * float(a[k].abs().max()))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("sizes", [((8, 12), (4, 6)), ((9, 12), (5, 6))])
+def test_upsample_add_is_the_sum_with_the_nearest_upsampled_map(channels_last, sizes):
+    from torch.nn import functional as F
+
+    from ml_core.inference_backbone import upsample_add
+    (h2, w2), (h, w) = sizes                      # exactly twice (the broadcast), and not (interpolate)
+    lateral, top = torch.randn(2, 5, h2, w2), torch.randn(2, 5, h, w)
+    if channels_last:
+        lateral, top = (t.contiguous(memory_format=torch.channels_last) for t in (lateral, top))
+    want = lateral + F.interpolate(top, size=(h2, w2), mode="nearest")
+    got = upsample_add(lateral, top)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_the_rpn_heads_copy_gives_the_heads_outputs():
+    from ml_core.inference_backbone import inference_head
+    m = _model("fasterrcnn_resnet18_fpn")
+    head = inference_head(m.rpn.head, channels_last=True, fuse=True)
+    assert any(isinstance(x, ConvReLU) for x in head.modules()) and head is not m.rpn.head
+    assert inference_head(m.rpn.head, channels_last=False, fuse=False) is m.rpn.head
+    feats = [torch.randn(2, 256, s, s) for s in (16, 8, 4)]
+    with torch.no_grad():
+        a = m.rpn.head(feats)
+        b = head([f.contiguous(memory_format=torch.channels_last) for f in feats])
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
