@@ -597,24 +597,6 @@ def _time_variant(ctx: StepContext, predictor, paths: list[str], p: dict, base: 
     return {**r, **what, "speedup": _r(r["images_per_s"] / base, 2)}
 
 
-def _same_predictions(a, b, paths: list[str], group: int) -> dict:
-    """run_inference with predictors a and b over the same files: how many images' ensembled
-    predictions (boxes, scores, labels, keypoints) and shown views are bit for bit the same."""
-    from ml_core.tta import run_inference
-
-    def flat(pred):
-        e = pred.ensembled
-        parts = [e.boxes, e.scores, e.labels.float()] + ([e.keypoints] if e.keypoints is not None else [])
-        parts += [t.float() for v in pred.views.values() for t in (v.boxes, v.scores, v.labels)]
-        return [t.flatten() for t in parts]
-    got_a = {i: flat(p) for i, p, _ in run_inference(a, paths, group_size=group, num_workers=2)}
-    got_b = {i: flat(p) for i, p, _ in run_inference(b, paths, group_size=group, num_workers=2)}
-    same = sum(all(torch.equal(x, y) for x, y in zip(got_a[i], got_b[i])) for i in got_a)
-    diff = max((float((x - y).abs().max()) if x.shape == y.shape and x.numel() else (0.0 if x.shape == y.shape
-                else float("inf")) for i in got_a for x, y in zip(got_a[i], got_b[i])), default=0.0)
-    return {"images": len(got_a), "identical": same, "max_abs_diff": diff}
-
-
 def _time_hand_loop(ctx: StepContext, hand, paths: list[str], cap: float) -> dict:
     """The hand loop over the files after a warm-up on the first, stopped once cap seconds have passed."""
     hand(paths[0])
@@ -797,20 +779,6 @@ def step_tta(ctx: StepContext, p: dict):
         r = fig["ml_core_tta_keypoint_head_nchw"] = _time_variant(ctx, alt, paths, p, base, 0.12,
                                                                   keypoint_head="NCHW (the model's own)")
         ctx.log(f"ml_core.tta with the keypoint head in NCHW {r['images_per_s']} images/s, x{r['speedup']}")
-        ctx.save()
-
-    # the other setting of overlap (a group's second half beside the next group's backbone passes,
-    # on two streams; the default for box models on CUDA), and whether the overlapped run gives the
-    # same predictions as the sequential one (a race would not)
-    ours["overlap"] = predictor.overlap
-    if device.type == "cuda" and ctx.left() > 16:
-        alt = MultiTransformPredictor(model, ts, flip_inds=flip_inds, device=device, amp=True, fast=True,
-                                      options=opts, overlap=not predictor.overlap)
-        name = "ml_core_tta_no_overlap" if predictor.overlap else "ml_core_tta_overlap"
-        r = fig[name] = _time_variant(ctx, alt, paths, p, base, 0.1, overlap=alt.overlap)
-        r["same_predictions"] = _same_predictions(predictor, alt, paths[:2 * group], group)
-        ctx.log(f"ml_core.tta with overlap={alt.overlap} {r['images_per_s']} images/s, x{r['speedup']}; "
-                f"same predictions as overlap={predictor.overlap}: {r['same_predictions']}")
         ctx.save()
 
     # the same batching in fp32: what batching alone buys (on the CPU, where there is no fp16 path,

@@ -169,10 +169,6 @@ class ScalePasses:
     image_sizes: list[tuple[int, int]]
     flip: bool
 
-    def tensors(self) -> list[torch.Tensor]:
-        """Every device tensor it holds (for a stream that did not make them: record_stream)."""
-        return [t for sf in self.per_scale for t in sf.features.values()] + [t for c in self.cands for t in c]
-
 
 class BatchedViews:
     """Runs a torchvision GeneralizedRCNN (Faster / Keypoint R-CNN) over all views of a group.
@@ -379,9 +375,11 @@ class BatchedViews:
     def scale_passes(self, images: list[torch.Tensor], scales: list[int], flip: bool, max_size: int,
                      autocast=None, stop_after: str | None = None) -> "ScalePasses | None":
         """The first half: every scale's batch (the images, then their mirrors) through the
-        transform, the backbone and the RPN's candidate selection. Queues its device work without a
-        host synchronisation, so that a caller can start the next group's while this one's
-        `detections` runs (MultiTransformPredictor.launch)."""
+        transform, the backbone and the RPN's candidate selection. It queues its device work
+        without a host synchronisation, so the host is done queuing all scales' convolutions while
+        the device is still on the first (before, torchvision's transform made its normalisation
+        constants from Python lists for every image and scale, a copy that waited for the device:
+        the backbone alone went from 78 to 156 images/s on an H200, benchmarks/gpu_suite.py)."""
         autocast = autocast or contextlib.nullcontext
         normalized = self._normalized(images)
         batch = normalized + ([im.flip(-1) for im in normalized] if flip else [])

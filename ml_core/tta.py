@@ -140,7 +140,7 @@ class MultiTransformPredictor:
 
     def __init__(self, model: torch.nn.Module, transforms: TransformSet, *, flip_inds: list[int] | None = None,
                  options: EnsembleOptions | None = None, device: str | torch.device = "cpu", amp: bool = True,
-                 fast: bool | None = None, compile_backbone: bool = False, overlap: bool | None = None):
+                 fast: bool | None = None, compile_backbone: bool = False):
         self.model = model.to(device).eval()
         self.transforms = transforms
         self.options = options or EnsembleOptions()
@@ -172,19 +172,6 @@ class MultiTransformPredictor:
         # compile_backbone: torch.compile the fast path's backbone (one compile per input shape)
         self.batched = BatchedViews(self.model, fold_bn=cuda, channels_last=cuda, fuse_conv_relu=cuda,
                                     compile_backbone=compile_backbone) if self.fast else None
-        # overlap (on CUDA's fast path, for box models by default): `launch` queues a group's backbone passes on a
-        # stream of their own, so that run_inference can start the next group's while this group's
-        # second half (proposals, heads, ensembling: many small steps, several of which wait for
-        # the device) runs on a second stream of higher priority; the device fills the second
-        # half's gaps with the next group's convolutions (measured in benchmarks/gpu_suite.py).
-        # Box models only by default: on an H200 (benchmarks/results/gpu_suite_h200_overlap.json)
-        # overlap gave Faster R-CNN +11 % and Keypoint R-CNN -7 %, whose second half (the keypoint
-        # head on every view's boxes, twice) is itself large convolutions with few gaps to fill.
-        self.overlap = (self.fast and cuda and not self.keypoints) if overlap is None else overlap
-        if self.overlap and not (self.fast and cuda):
-            raise ValueError("overlapping groups needs the fast path on CUDA")
-        self._streams = (torch.cuda.Stream(self.device, priority=0), torch.cuda.Stream(self.device, priority=-1)) \
-            if self.overlap else None
 
     def _autocast(self):
         if self.amp:
@@ -240,53 +227,21 @@ class MultiTransformPredictor:
     @torch.inference_mode()
     def predict(self, images: list[torch.Tensor]) -> list[ImagePrediction]:
         """Every view of every image in the group, then one ensembled prediction per image."""
-        return self.complete(self.launch(images))
-
-    @torch.inference_mode()
-    def launch(self, images: list[torch.Tensor]) -> "Launched":
-        """The first half of predict(): the images to the device and, on the fast path, every
-        scale's backbone pass queued (on CUDA with overlap, on a stream of its own, without waiting
-        for the device). `complete` finishes it; groups may be launched one ahead of completing."""
-        stream = self._streams[0] if self._streams else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(self.device))   # images the caller's stream made
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            images = [im.to(self.device, non_blocking=True) for im in images]
-            if not self.fast:
-                return Launched(images)
-            t, ts = self.model.transform, self.transforms
-            own = t.min_size, t.max_size          # the views set them; the model keeps its own test size
-            try:
-                passes = self.batched.scale_passes(images, ts.scales, ts.flip, ts.max_size, self._autocast)
-            finally:
-                t.min_size, t.max_size = own
-            return Launched(images, passes, stream.record_event() if stream is not None else None)
-
-    @torch.inference_mode()
-    def complete(self, launched: "Launched") -> list[ImagePrediction]:
-        """The rest of predict() for a launched group: its predictions, on the host."""
-        stream = self._streams[1] if self._streams else None
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if stream is not None:
-                stream.wait_event(launched.ready)
-                for x in launched.passes.tensors():
-                    x.record_stream(stream)     # made on the first stream, read and freed on this one
-            rh = self.model.roi_heads
-            heads = rh.nms_thresh, rh.detections_per_img
-            pre_nms = self.union == "pre_nms"
-            if pre_nms:
-                # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
-                rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view
-            t = self.model.transform
-            own = t.min_size, t.max_size
-            try:
-                shown = heads if pre_nms else None
-                if self.fast:
-                    return self._predict_fast(launched.images, launched.passes, shown)
-                return self._predict_plain(launched.images, shown)
-            finally:
-                t.min_size, t.max_size = own
-                rh.nms_thresh, rh.detections_per_img = heads
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        t, rh = self.model.transform, self.model.roi_heads
+        own = t.min_size, t.max_size          # the views set them; the model keeps its own test size
+        heads = rh.nms_thresh, rh.detections_per_img
+        pre_nms = self.union == "pre_nms"
+        if pre_nms:
+            # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
+            rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view
+        try:
+            shown = heads if pre_nms else None
+            results = self._predict_fast(images, shown) if self.fast else self._predict_plain(images, shown)
+        finally:
+            t.min_size, t.max_size = own
+            rh.nms_thresh, rh.detections_per_img = heads
+        return results
 
     def _instances(self, d: dict, view: View, width: int) -> Instances:
         boxes = flip_boxes(d["boxes"], width) if view.flip else d["boxes"]
@@ -348,15 +303,13 @@ class MultiTransformPredictor:
             kps, _ = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
             r.ensembled.keypoints = kps
 
-    def _predict_fast(self, images: list[torch.Tensor], passes, shown: tuple[float, int] | None = None
-                      ) -> list[ImagePrediction]:
+    def _predict_fast(self, images: list[torch.Tensor], shown: tuple[float, int] | None = None) -> list[ImagePrediction]:
         """predict() through BatchedViews: all views padded on the device until the end of the group.
-        passes: the group's BatchedViews.scale_passes (from `launch`).
         shown=(nms_thresh, detections_per_img) for the pre-NMS union: the union is ensembled, the
         views are kept NMS'd with these settings (what the compare view shows, agreement measures)."""
         ts, o = self.transforms, self.options
         n = len(images)
-        det = self.batched.detections(passes, self.flip_inds, self._autocast, shown=shown)
+        det = self.batched.run(images, ts.scales, ts.flip, ts.max_size, self.flip_inds, self._autocast, shown=shown)
         views = ts.views                                   # scale-major, plain before flipped: det's order
         V, D = len(views), det.valid.shape[1]
 
@@ -442,16 +395,6 @@ class MultiTransformPredictor:
         return r
 
 
-@dataclass
-class Launched:
-    """A group between MultiTransformPredictor.launch and .complete: its images on the device, the
-    fast path's scale passes, and (with overlap) the event after which they are ready."""
-
-    images: list[torch.Tensor]
-    passes: object = None
-    ready: object = None
-
-
 class _ImageFiles(Dataset):
     """The images of a run, decoded; pin=True: in pinned memory, so that their copy to the GPU is
     queued rather than waited for (pinning runs in the loading threads, beside the model)."""
@@ -479,9 +422,7 @@ def run_inference(predictor: MultiTransformPredictor, paths: list[str], *, group
     groups ahead); a file that cannot be read yields an error string instead of stopping the run.
     Threads rather than DataLoader worker processes: decoding (PIL) releases the GIL, and worker
     processes cost seconds to start before the first group (measured: 8-10 s with 6 workers on
-    the GPU machine), on every call. Each group is launched (predictor.launch) before the one
-    before it is completed, so that with the predictor's overlap the device starts the next
-    group's backbone while the host finishes this one; on the CPU that changes nothing.
+    the GPU machine), on every call.
     """
     if not paths:
         raise ValueError("no images to run inference on")
@@ -494,18 +435,7 @@ def run_inference(predictor: MultiTransformPredictor, paths: list[str], *, group
         idx = range(starts[k], min(starts[k] + group_size, len(paths)))
         pending.append([pool.submit(files.__getitem__, i) for i in idx] if pool else [files[i] for i in idx])
 
-    def finish(group, ok, launched):
-        nonlocal done
-        preds = predictor.complete(launched) if launched is not None else []
-        by_index = {i: p for (i, _), p in zip(ok, preds)}
-        for i, _, err in group:
-            yield i, by_index.get(i), err
-        done += len(group)
-        if progress:
-            progress(done, len(paths))
-
     done = 0
-    previous = None
     try:
         for k in range(min(2, len(starts))):
             submit(k)
@@ -514,17 +444,13 @@ def run_inference(predictor: MultiTransformPredictor, paths: list[str], *, group
             if k + 2 < len(starts):
                 submit(k + 2)
             ok = [(i, im) for i, im, err in group if im is not None]
-            try:
-                launched = predictor.launch([im for _, im in ok]) if ok else None
-            except Exception:
-                if previous is not None:           # what is done is delivered before the error
-                    yield from finish(*previous)
-                raise
-            if previous is not None:
-                yield from finish(*previous)
-            previous = (group, ok, launched)
-        if previous is not None:
-            yield from finish(*previous)
+            preds = predictor.predict([im for _, im in ok]) if ok else []
+            by_index = {i: p for (i, _), p in zip(ok, preds)}
+            for i, _, err in group:
+                yield i, by_index.get(i), err
+            done += len(group)
+            if progress:
+                progress(done, len(paths))
     finally:
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)

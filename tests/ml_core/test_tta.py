@@ -167,9 +167,9 @@ def test_pre_nms_union_is_refused_for_keypoint_models():
         EnsembleOptions(union="everything")
 
 
-def test_groups_launched_ahead_give_what_predict_gives(tmp_path):
-    """run_inference launches each group before completing the one before it: the predictions are
-    predict()'s, group by group, in order."""
+def test_run_inference_gives_what_predict_gives(tmp_path):
+    """run_inference over files (decoded in threads, pinned for a GPU) gives predict()'s predictions,
+    group by group, in order."""
     import numpy as np
     from PIL import Image
 
@@ -193,8 +193,3 @@ def test_groups_launched_ahead_give_what_predict_gives(tmp_path):
                 assert torch.equal(w.ensembled.boxes, p.ensembled.boxes)
                 assert torch.equal(w.ensembled.scores, p.ensembled.scores)
 
-
-def test_overlap_needs_the_fast_path_on_cuda():
-    m, _ = build_model("fasterrcnn_tiny", 3, 0, min_size=64, max_size=64)
-    with pytest.raises(ValueError, match="overlapping groups"):
-        MultiTransformPredictor(m, TransformSet([64]), fast=True, overlap=True)
