@@ -5,6 +5,10 @@ flipped), torchvision's `rpn` -> `roi_heads` -> `transform.postprocess` chain. I
 same predictions (tests/ml_core/test_fast_path.py checks them against the plain per-view
 torchvision path) but is organised for a GPU:
 
+* The transform queues its work without waiting for the device: each image is normalised once
+  (torchvision makes the normalisation constants from Python lists for every image at every
+  scale, a copy that waits for the device's queued work), images of one size are resized
+  together, and small host values reach the device through pinned memory (ml_core.device).
 * Post-processing is batched over every view of the group. torchvision loops over images in
   Python in `RegionProposalNetwork.filter_proposals` and `RoIHeads.postprocess_detections`; each
   iteration indexes with data-dependent masks (a host synchronisation) and runs its own NMS. Here

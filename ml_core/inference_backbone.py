@@ -14,7 +14,7 @@ speed with the same outputs up to float rounding:
   fused with the sum with its lateral. Autocast runs every upsampling in float32, so under fp16
   each level's upsampled map, and the sum with its lateral (fp16 + fp32 = fp32), were float32
   passes over the largest maps, cast back to fp16 by the next conv (a profile on an H200: the
-  float32 upsampling, sums and casts about 8 % of a group's device time). Nearest upsampling
+  float32 upsampling and sums about 5 % of a group's device time). Nearest upsampling
   copies values, so only the sum is rounded to fp16 earlier, which the next conv did anyway.
 * `inference_head`: the same copy (conv + bias + ReLU fused, channels_last) of the RPN head, whose
   3x3 conv and ReLU run on every pyramid level of every view.
