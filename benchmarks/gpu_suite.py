@@ -485,7 +485,8 @@ def _time_tta(ctx: StepContext, predictor, paths: list[str], group: int, workers
 
 
 def _predict_split(ctx: StepContext, predictor, images: list[torch.Tensor], reps: int) -> dict:
-    """Where one predict() call's time goes: the views' forward pass (BatchedViews.run), the box
+    """Where one predict() call's time goes: the views' backbone passes (BatchedViews.scale_passes:
+    transform, backbone and the RPN's candidates), the rest of their forward pass (.detections), the box
     ensembling, the agreement measure and, for keypoint models, the keypoint ensembling, each
     call wrapped between device synchronisations; the rest is the host copy and building results."""
     from ml_core import ensemble
@@ -556,8 +557,8 @@ def _profile(ctx: StepContext, fn, rows: int = 25) -> dict:
     top = sorted(events, key=self_us, reverse=True)[:rows]
     busy = None
     if cuda:
-        # how much of the profiled interval the device was running a kernel at all (the union of
-        # the kernels' intervals): the rest it waited for the host
+        # how much of the profiled interval the device was busy at all (the union of the intervals
+        # of its kernels and copies): the rest it waited for the host
         spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
         busy, end = 0.0, float("-inf")
@@ -566,7 +567,7 @@ def _profile(ctx: StepContext, fn, rows: int = 25) -> dict:
                 busy += b - max(a, end)
                 end = b
         busy = {"device_busy_ms": _r(busy / 1000, 2),
-                "device_span_ms": _r((spans[-1][1] - spans[0][0]) / 1000, 2) if spans else None}
+                "device_span_ms": _r((end - spans[0][0]) / 1000, 2) if spans else None}
     return {"what": "one MultiTransformPredictor.predict over the group, under torch.profiler (slower than "
                     "unprofiled); " + ("GPU kernels by self time" if cuda else "operators by CPU self time"),
             "wall_s_profiled": _r(wall), "device_self_ms_total": _r(total / 1000, 2), **(busy or {}),

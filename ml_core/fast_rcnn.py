@@ -49,6 +49,7 @@ from torch import nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.models.detection.transform import _resize_image_and_masks
 
 from .device import to_device
 from .inference_backbone import cudnn_autotuned, inference_backbone, inference_head
@@ -213,6 +214,8 @@ class BatchedViews:
         device: torchvision makes them from Python lists at every call, a copy that waits for the
         device's queued work (a host synchronisation per image and scale)."""
         t = self.model.transform
+        if not all(im.is_floating_point() for im in images):
+            raise TypeError("expected images of floating type (in range [0, 1]), as torchvision's transform does")
         key = (images[0].device, images[0].dtype)
         if key not in self._norm:
             self._norm[key] = tuple(to_device(v, key[0], key[1])[:, None, None] for v in (t.image_mean, t.image_std))
@@ -227,6 +230,10 @@ class BatchedViews:
         from the sizes), images of one size resized together (per image the same arithmetic), then
         padded to the size divisor into one batch."""
         t = self.model.transform
+        if t.fixed_size is not None:                               # torchvision's own resize, per image
+            resized = [_resize_image_and_masks(im, scale, max_size, None, t.fixed_size)[0] for im in normalized]
+            return ImageList(t.batch_images(resized, size_divisible=t.size_divisible),
+                             [(int(r.shape[-2]), int(r.shape[-1])) for r in resized])
         by_shape: dict[tuple, list[int]] = {}
         for i, im in enumerate(normalized):
             by_shape.setdefault(tuple(im.shape[-2:]), []).append(i)
@@ -370,10 +377,16 @@ class BatchedViews:
         shown=(nms_thresh, detections_per_img): also each view as the model gives it with these
         settings, from the same box-head outputs (result.shown, boxes only). For the pre-NMS union:
         the heads' own settings then say nms_thresh >= 1 (no NMS) and the union's depth per view."""
+        self._check_shown(shown)
         passes = self.scale_passes(images, scales, flip, max_size, autocast, stop_after)
         if passes is None:
             return None
         return self.detections(passes, flip_inds, autocast, stop_after, shown)
+
+    def _check_shown(self, shown):
+        if shown is not None and self.keypoints:
+            raise ValueError("shown views are for the pre-NMS union of box models; a keypoint model's "
+                             "keypoint head would run on every union box")
 
     @torch.inference_mode()
     def scale_passes(self, images: list[torch.Tensor], scales: list[int], flip: bool, max_size: int,
@@ -405,9 +418,7 @@ class BatchedViews:
                    stop_after: str | None = None, shown: tuple[float, int] | None = None) -> ViewDetections | None:
         """The second half: proposals, the box head, post-processing and (keypoint models) each
         view's keypoint head, mapped back to the original images. Arguments as `run`'s."""
-        if shown is not None and self.keypoints:
-            raise ValueError("shown views are for the pre-NMS union of box models; a keypoint model's "
-                             "keypoint head would run on every union box")
+        self._check_shown(shown)
         autocast = autocast or contextlib.nullcontext
         per_scale, cands, flip = passes.per_scale, passes.cands, passes.flip
         n = len(passes.image_sizes)

@@ -14,8 +14,9 @@ speed with the same outputs up to float rounding:
   fused with the sum with its lateral. Autocast runs every upsampling in float32, so under fp16
   each level's upsampled map, and the sum with its lateral (fp16 + fp32 = fp32), were float32
   passes over the largest maps, cast back to fp16 by the next conv (a profile on an H200: the
-  float32 upsampling and sums about 5 % of a group's device time). Nearest upsampling
-  copies values, so only the sum is rounded to fp16 earlier, which the next conv did anyway.
+  float32 upsampling and sums about 5 % of a group's device time). Nearest upsampling copies
+  values; what changes is rounding: each level's sum is rounded to fp16 (the next conv reads it
+  in fp16 either way), where torchvision carried it to the next level in float32.
 * `inference_head`: the same copy (conv + bias + ReLU fused, channels_last) of the RPN head, whose
   3x3 conv and ReLU run on every pyramid level of every view.
 * channels_last memory format (cuDNN's fp16 kernels work in NHWC).
@@ -213,7 +214,8 @@ def fuse_conv_relu(module: nn.Module) -> int:
 
 class TopDownInPrecision(nn.Module):
     """torchvision's FeaturePyramidNetwork forward with its nearest upsampling and the sum with the
-    lateral in the maps' own precision (`upsample_add`); the same modules, the same values."""
+    lateral in the maps' own precision (`upsample_add`); the same modules and operations (the same
+    values outside autocast; under it, sums rounded to the maps' precision level by level)."""
 
     def __init__(self, fpn: FeaturePyramidNetwork):
         super().__init__()

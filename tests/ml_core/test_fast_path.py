@@ -228,3 +228,26 @@ def test_shown_views_do_not_depend_on_the_union_depth(fast):
     x, y = pre.ensembled, other.ensembled
     assert len(x.boxes) == len(y.boxes) > 0
     assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels) >= MIN_MATCHED
+
+
+@pytest.mark.parametrize("sizes", [[(64, 80), (64, 80)], [(64, 80), (72, 50), (64, 80)], [(50, 72)]])
+def test_the_fast_paths_transform_is_torchvisions(sizes):
+    """Each image normalised once, images of one size resized together, padded in one go: the
+    same batch and image sizes as torchvision's GeneralizedRCNNTransform, bit for bit."""
+    m = _model("fasterrcnn_tiny")
+    views = fast_rcnn.BatchedViews(m)
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    images += [im.flip(-1) for im in images]                   # mirrors, normalised after flipping there
+    t = m.transform
+    for scale, max_size in ((48, 200), (100, 200), (100, 120)):
+        t.min_size, t.max_size = (scale,), max_size
+        want, _ = t(images)
+        norm = views._normalized(images[:len(sizes)])
+        got = views._transform(norm + [im.flip(-1) for im in norm], scale, max_size)
+        assert got.image_sizes == want.image_sizes and torch.equal(got.tensors, want.tensors)
+
+
+def test_the_fast_path_refuses_images_torchvision_refuses():
+    views = fast_rcnn.BatchedViews(_model("fasterrcnn_tiny"))
+    with pytest.raises(TypeError, match="floating"):
+        views._normalized([torch.zeros(3, 8, 8, dtype=torch.uint8)])

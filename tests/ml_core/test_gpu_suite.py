@@ -46,8 +46,9 @@ def test_smoke_runs_every_step_with_figures_and_no_error(tmp_path):
         assert f["baseline_images_per_s"] >= f["hand_loop"]["images_per_s"]
         assert f["profile"]["top"] and all(r["self_ms"] >= 0 for r in f["profile"]["top"])
         split = f["predict_split"]["ms_per_image"]
-        assert {"views_forward", "box_ensembling", "agreement", "host_copy_and_results"} <= set(split)
-        assert split["views_forward"] > 0 and ("keypoint_ensembling" in split) == (name == "tta_keypointrcnn")
+        assert {"views_backbone_passes", "views_heads", "box_ensembling", "agreement",
+                "host_copy_and_results"} <= set(split)
+        assert split["views_backbone_passes"] > 0 and split["views_heads"] > 0 and ("keypoint_ensembling" in split) == (name == "tta_keypointrcnn")
         assert f["ml_core_tta_unfused_backbone"]["images_per_s"] > 0
         assert f["ml_core_tta_unfused_backbone"]["features_max_rel_diff_fused"] < 1e-3   # the CPU: the same ops
     f = report["steps"]["tta_fasterrcnn"]["figures"]
