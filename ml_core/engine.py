@@ -270,6 +270,20 @@ class Validation:
         return "stop"
 
 
+# settings that say how a run is kept and shown, not what it trains: a finished model stands
+# whatever they were when it trained (a pipeline run again with another checkpoint interval)
+BOOKKEEPING = ("checkpoint_every", "log_every")
+
+
+def _what_trains(d: dict | None, nested: str | None = None) -> dict | None:
+    """A saved config (or, with nested="config", a checkpoint's meta holding one) without BOOKKEEPING."""
+    if d is None:
+        return None
+    if nested is not None:
+        return {k: (_what_trains(v) if k == nested and isinstance(v, dict) else v) for k, v in d.items()}
+    return {k: v for k, v in d.items() if k not in BOOKKEEPING}
+
+
 def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, hooks: list[Hook] = (),
         device: str | torch.device = "cpu", checkpoint_path: str | os.PathLike | None = None, meta: dict | None = None,
         resume: bool = True, validate: Callable[[torch.nn.Module], float] | None = None) -> TrainState:
@@ -317,7 +331,8 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
         ckpt = read_checkpoint(checkpoint_path)
         if "optimizer" not in ckpt and meta is not None and "inputs" in meta and \
-                ckpt.get("config") == plain(config.to_dict()) and ckpt["meta"] == plain(meta):
+                _what_trains(ckpt.get("config")) == _what_trains(plain(config.to_dict())) and \
+                _what_trains(ckpt["meta"], "config") == _what_trains(plain(meta), "config"):
             # finished earlier with these very settings and inputs (the same files, by their
             # digests: a pipeline run again after it stopped): its weights and curves stand,
             # and nothing is trained twice

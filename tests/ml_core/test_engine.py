@@ -73,6 +73,11 @@ def test_teacher_training_cancel_and_resume(det_data, tmp_path):
                            config=_cfg(), hooks=[again], device="cpu")
     assert again.seen == [] and state.iteration == 6 and len(state.history) == 6 and state.already_trained
     assert all(torch.equal(a, b) for a, b in zip(read_checkpoint(out)["model"].values(), ck["model"].values()))
+    # only the bookkeeping changed (how often it checkpoints and logs): still nothing trains twice
+    kept = StopAt(-1)
+    state = pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(out), arch="fasterrcnn_tiny",
+                           config=_cfg(checkpoint_every=5, log_every=3), hooks=[kept], device="cpu")
+    assert kept.seen == [] and state.already_trained
     # other training data (a new pseudo-label file, say) with the same settings: trained again
     other = tmp_path / "labeled_copy.json"
     other.write_text((det_data / "labeled.json").read_text() + " ")
