@@ -57,7 +57,7 @@ COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]  # 17 COC
 GPU = {
     "tta_fasterrcnn": dict(arch="fasterrcnn_resnet50_fpn", size=[640, 480], scales=[400, 600, 800, 1000],
                            max_size=2000, group=8, workers=6, hand_images=32, tta_images=128, split_reps=4,
-                           budget_s=130, min_s=20),
+                           budget_s=105, min_s=20),
     "tta_keypointrcnn": dict(arch="keypointrcnn_resnet50_fpn", num_keypoints=17, size=[640, 480],
                              scales=[400, 600, 800, 1000], max_size=2000, group=8, workers=6, hand_images=24,
                              tta_images=96, split_reps=3, budget_s=85, min_s=20),

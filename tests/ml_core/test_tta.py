@@ -192,4 +192,3 @@ def test_run_inference_gives_what_predict_gives(tmp_path):
                 assert err is None
                 assert torch.equal(w.ensembled.boxes, p.ensembled.boxes)
                 assert torch.equal(w.ensembled.scores, p.ensembled.scores)
-
