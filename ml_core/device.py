@@ -18,9 +18,3 @@ def to_device(data, device: torch.device | str, dtype: torch.dtype | None = None
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def pinned(t: torch.Tensor) -> torch.Tensor:
-    """t in pinned host memory (where CUDA is available), so that its copy to the GPU is queued
-    rather than waited for; as it is elsewhere."""
-    return t.pin_memory() if torch.cuda.is_available() and t.device.type == "cpu" else t

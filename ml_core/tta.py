@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from . import ensemble
 from .fast_rcnn import BatchedViews
 from .data import load_image
-from .device import pinned, to_device
+from .device import to_device
 from .transforms import TransformSet, View, boxes_to_view, flip_boxes, flip_keypoints
 
 
@@ -409,7 +409,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i):
         try:
             im = load_image(self.paths[i])
-            return i, pinned(im) if self.pin else im, None
+            return i, im.pin_memory() if self.pin else im, None
         except Exception as e:  # unreadable images are reported, never fatal
             return i, None, f"{os.path.basename(str(self.paths[i]))}: {e}"
 
