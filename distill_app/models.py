@@ -283,6 +283,9 @@ class PseudoLabelSet(models.Model):
     thresholds = models.JSONField()  # {"default": t, "<category_id>": t, ...}
     apply_reviews = models.BooleanField(default=True)
     include_unreviewed = models.BooleanField(default=True)
+    # keypoints scored below it are left unlabeled: "auto" (as many per instance as the labeled set
+    # annotates), null (keep every keypoint) or a heatmap score
+    keypoint_threshold = models.JSONField(null=True, blank=True, default="auto")
     file = models.CharField(max_length=500, blank=True)
     counts = models.JSONField(default=dict, blank=True)
     job = models.OneToOneField(Job, on_delete=models.PROTECT, related_name="pseudo_label_set")

@@ -2,7 +2,9 @@
 
 The thresholding itself is ml_core.selection; this module decides per image what a review means:
 rejected images contribute nothing, edited images contribute exactly the reviewer's instances,
-accepted and unreviewed images contribute the ensembled instances above threshold.
+accepted and unreviewed images contribute the ensembled instances above threshold. On those, the
+keypoints the teacher is least sure of are left unlabeled (the set's keypoint threshold); a
+reviewer's own keypoints always stay.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from django.conf import settings
 
 from ml_core import selection
 
-from .models import Image, Prediction, PseudoLabelSet, Review
+from .models import Annotation, Image, Prediction, PseudoLabelSet, Review
 
 
 def thresholds_by_category(thresholds: dict) -> dict:
@@ -36,6 +38,36 @@ def _keep(instances: list[dict], thresholds: dict) -> list[dict]:
     return [{k: v for k, v in d.items() if k != "label"} for d in selection.select(items, thresholds)]
 
 
+def labeled_keypoint_fraction(project) -> float | None:
+    """The share of keypoints the project's labeled sets annotate (v > 0); None without keypoints."""
+    shown = total = 0
+    rows = Annotation.objects.filter(image__dataset__project=project, image__dataset__role="labeled",
+                                     keypoints__isnull=False).values_list("keypoints", flat=True)
+    for kps in rows.iterator(chunk_size=2000):
+        vis = kps[2::3] if isinstance(kps, list) else []
+        shown, total = shown + sum(1 for v in vis if v > 0), total + len(vis)
+    return shown / total if total else None
+
+
+def _hide_keypoints(pls: PseudoLabelSet, anns: list[dict], scores: dict[int, list[float]]) -> dict:
+    """Apply the set's keypoint threshold to the annotations whose keypoints came from the model
+    (scores: annotation index -> keypoint scores). Returns what the counts say of it."""
+    rule = pls.keypoint_threshold
+    if not scores or rule is None:
+        return {"keypoint_threshold": None, "keypoints_hidden": 0}
+    if rule == "auto":
+        t = selection.keypoint_auto_threshold([v for ks in scores.values() for v in ks],
+                                              labeled_keypoint_fraction(pls.project))
+    else:
+        t = float(rule)
+    hidden = 0
+    for i, ks in scores.items():
+        a = anns[i]
+        a["keypoints"] = selection.hide_keypoints(a["keypoints"], ks, t)
+        hidden += sum(1 for v, w in zip(a["keypoints"][2::3], ks) if v == 0 and (t is not None and w < t))
+    return {"keypoint_threshold": None if t is None or t == float("inf") else round(t, 4), "keypoints_hidden": hidden}
+
+
 def write_pseudo_label_set(pls: PseudoLabelSet, progress=None) -> dict:
     run = pls.run
     thresholds = thresholds_by_category(pls.thresholds)
@@ -48,13 +80,15 @@ def write_pseudo_label_set(pls: PseudoLabelSet, progress=None) -> dict:
     rows = (Prediction.objects.filter(run=run, validation=False).order_by("image_id")
             .values_list("image_id", "ensembled").iterator(chunk_size=2000))
     total = len(files)
+    keypoint_scores: dict[int, list[float]] = {}   # annotation index -> the model's keypoint scores
     for n, (image_id, ensembled) in enumerate(rows):
         counts["images_considered"] += 1
         review = reviews.get(image_id) if pls.apply_reviews else None
         if review is not None and review.state == "rejected":
             counts["rejected"] += 1
             continue
-        if review is not None and review.state == "edited":
+        edited = review is not None and review.state == "edited"
+        if edited:
             kept = [{**d, "score": d.get("score", 1.0)} for d in (review.instances or [])]
             counts["edited"] += 1
         elif review is not None:
@@ -74,10 +108,16 @@ def write_pseudo_label_set(pls: PseudoLabelSet, progress=None) -> dict:
                  "score": d["score"], "area": d["bbox"][2] * d["bbox"][3], "iscrowd": 0}
             if d.get("keypoints") is not None:
                 a["keypoints"] = d["keypoints"]
+                if not edited and d.get("keypoint_scores"):
+                    keypoint_scores[len(anns)] = d["keypoint_scores"]
             anns.append(a)
         if progress and n % 1000 == 0:
             progress(n, total)
     counts["images"], counts["instances"] = len(images), len(anns)
+    counts.update(_hide_keypoints(pls, anns, keypoint_scores))
+    for a in anns:
+        if "keypoints" in a:
+            a["num_keypoints"] = sum(1 for v in a["keypoints"][2::3] if v > 0)
     doc = {"info": {"description": f"Distill pseudo-labels, run {run.pk}, thresholds {thresholds}"},
            "images": images, "annotations": anns, "categories": run.project.categories}
     path = run.project.folder / "pseudo_labels" / f"set{pls.pk}.json"

@@ -244,7 +244,8 @@ class PseudoLabelSetSerializer(ModelSerializer):
 
     class Meta:
         model = PseudoLabelSet
-        fields = ["id", "project", "run", "thresholds", "apply_reviews", "include_unreviewed", "counts", "job", "created"]
+        fields = ["id", "project", "run", "thresholds", "apply_reviews", "include_unreviewed", "keypoint_threshold",
+                  "counts", "job", "created"]
         read_only_fields = ["project", "counts", "created"]
 
     def validate_thresholds(self, value):
@@ -252,6 +253,13 @@ class PseudoLabelSetSerializer(ModelSerializer):
             return parse_thresholds(value)
         except ValueError as e:
             raise serializers.ValidationError(str(e)) from None
+
+    def validate_keypoint_threshold(self, value):
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise serializers.ValidationError('must be "auto", null (keep every keypoint) or a number')
+        return float(value)
 
     def validate_run(self, run):
         if run.job.state != Job.SUCCEEDED:

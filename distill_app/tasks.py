@@ -277,7 +277,8 @@ def infer_chunk(run_id: int, chunk: int, attempt: int | None = None):
                 rows.append(Prediction(run=run, image_id=image_id, chunk=chunk, agreement=0, max_score=0,
                                        num_instances=0, error=err[:500], validation=image_id in val_ids))
                 continue
-            ens = [{k: d[k] for k in ("bbox", "score", "category_id", "keypoints") if k in d} for d in pred["ensembled"]]
+            ens = [{k: d[k] for k in ("bbox", "score", "category_id", "keypoints", "keypoint_scores") if k in d}
+                   for d in pred["ensembled"]]
             views = {v: [{k: d[k] for k in ("bbox", "score", "category_id", "keypoints") if k in d} for d in items_]
                      for v, items_ in pred["views"].items()}
             mask = 0

@@ -215,7 +215,16 @@ def cmd_select(args):
         print(f"automatic threshold {t:.3f} (target {target:.2f} instances per image)")
     else:
         t = selection.check_threshold(args.threshold)
-    out = pipeline.pseudo_label_doc(doc, by_image, t, doc["categories"])
+    kept = selection.select(results, t)
+    kt = None
+    if any("keypoint_scores" in d for d in kept):
+        if args.keypoint_threshold == "auto" and not args.labeled:
+            raise ValueError("--keypoint-threshold auto needs --labeled (the share of keypoints it annotates)")
+        fraction = pipeline.labeled_keypoint_fraction(load_coco(args.labeled)) if args.labeled else None
+        kt = pipeline.keypoint_threshold_for(args.keypoint_threshold, kept, fraction)
+        if kt is not None:
+            print(f"keypoints scored below {kt:.3f} left unlabeled")
+    out = pipeline.pseudo_label_doc(doc, by_image, t, doc["categories"], keypoint_threshold=kt)
     pipeline.write_json(args.out, out)
     print(f"{len(out['annotations'])} pseudo-labels on {len(out['images'])} images -> {args.out}")
 
@@ -257,7 +266,7 @@ def cmd_pipeline(args):
                            threshold=args.threshold, init=args.init, device=args.device, min_size=args.min_size,
                            baselines=args.baselines, num_workers=2 if args.workers is None else args.workers,
                            validation=not args.no_validation,
-                           control=not args.no_control, rounds=args.rounds,
+                           control=not args.no_control, rounds=args.rounds, keypoint_threshold=args.keypoint_threshold,
                            options=EnsembleOptions(keypoint_scales=args.keypoint_scales))
     report = run_pipeline(opts, hooks_for=lambda name: [BarHook(name)], progress_for=lambda name: _bar(name))
     key = "keypoints" if "keypoints" in next(iter(report["results"].values())) else "bbox"
@@ -268,6 +277,21 @@ def cmd_pipeline(args):
             print(f"{name}: {t['iterations']} iterations, best validation AP {t['best']['AP']:.2f} at "
                   f"{t['best']['iteration']}; {t['stopped']}")
     print(f"pseudo-label threshold {report['threshold']:.3f}; report: {report['report_path']}")
+
+
+def _keypoint_threshold(v: str):
+    if v in ("auto", "none"):
+        return None if v == "none" else v
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a heatmap score, got {v!r}") from None
+
+
+def _add_keypoint_threshold(s):
+    s.add_argument("--keypoint-threshold", type=_keypoint_threshold, default="auto", metavar="auto|none|T",
+                   help="keypoints: leave those scored below T unlabeled (no training loss); auto: as many per "
+                        "instance as the labeled set annotates; none: keep every keypoint (default auto)")
 
 
 def _add_keypoint_scales(s):
@@ -344,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("predictions", help="COCO results JSON from `distill infer`")
     s.add_argument("images_json", help="the unlabeled images' COCO JSON")
     s.add_argument("--threshold", default="auto", help="a score in [0, 1], or 'auto' (the paper's rule)")
-    s.add_argument("--labeled", help="labeled COCO JSON (for --threshold auto)")
+    s.add_argument("--labeled", help="labeled COCO JSON (for --threshold auto and --keypoint-threshold auto)")
+    _add_keypoint_threshold(s)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_select)
 
@@ -374,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the control (the teacher trained on labels alone for the student's iterations)")
     s.add_argument("--rounds", type=int, default=1, help="each round's student teaches the next round")
     _add_keypoint_scales(s)
+    _add_keypoint_threshold(s)
     _add_train_options(s)
     s.set_defaults(func=cmd_pipeline)
     return p

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from . import selection
@@ -181,10 +183,11 @@ def infer(checkpoint: str, image_paths: list[str], *, transforms: TransformSet, 
 
 
 def pseudo_label_doc(unlabeled: dict, predictions: dict[int, list[dict]], thresholds: float | dict,
-                     categories: list[dict], keep_empty: bool = False) -> dict:
+                     categories: list[dict], keep_empty: bool = False, keypoint_threshold: float | None = None) -> dict:
     """A COCO document of pseudo-labels: the instances at or above threshold, scores kept.
 
-    predictions maps image id -> ensembled instances (with category_id and label).
+    predictions maps image id -> ensembled instances (with category_id and label). With a
+    keypoint_threshold, keypoints scored below it are left unlabeled (v = 0): no training loss.
     """
     anns = []
     images = []
@@ -197,8 +200,8 @@ def pseudo_label_doc(unlabeled: dict, predictions: dict[int, list[dict]], thresh
             a = {"id": len(anns) + 1, "image_id": im["id"], "category_id": d["category_id"], "bbox": d["bbox"],
                  "score": d["score"], "area": round(d["bbox"][2] * d["bbox"][3], 2), "iscrowd": 0}
             if "keypoints" in d:
-                a["keypoints"] = d["keypoints"]
-                a["num_keypoints"] = sum(1 for v in d["keypoints"][2::3] if v > 0)
+                a["keypoints"] = selection.hide_keypoints(d["keypoints"], d.get("keypoint_scores"), keypoint_threshold)
+                a["num_keypoints"] = sum(1 for v in a["keypoints"][2::3] if v > 0)
             anns.append(a)
     return {"images": images, "annotations": anns, "categories": categories}
 
@@ -222,15 +225,24 @@ def pseudo_label_quality(pseudo: dict, truth: dict, sigmas: list[float] | None =
     for a in pseudo["annotations"]:
         pseudo_by_image.setdefault(a["image_id"], []).append(a)
     tp = 0
+    kp_right = kp_labeled = 0
     for image_id, items in pseudo_by_image.items():
         items = sorted(items, key=lambda a: -a.get("score", 1.0))
         gt = truth_by_image.get(image_id, [])
-        tp += int(selection.match_predictions([_xyxy(a["bbox"]) for a in items], [a.get("score", 1.0) for a in items],
-                                              [a["category_id"] for a in items], [_xyxy(a["bbox"]) for a in gt],
-                                              [a["category_id"] for a in gt]).sum())
+        match = selection.match_to_truth([_xyxy(a["bbox"]) for a in items], [a.get("score", 1.0) for a in items],
+                                         [a["category_id"] for a in items], [_xyxy(a["bbox"]) for a in gt],
+                                         [a["category_id"] for a in gt])
+        tp += int((match >= 0).sum())
+        for a, j in zip(items, match):
+            if a.get("keypoints") and j >= 0 and gt[j].get("keypoints"):
+                right, labeled = keypoints_right(a["keypoints"], gt[j], sigmas)
+                kp_right, kp_labeled = kp_right + right, kp_labeled + labeled
     kept, total = len(pseudo["annotations"]), len(truth["annotations"])
     out = {"instances": kept, "precision": round(100 * tp / kept, 2) if kept else 0.0,
            "recall": round(100 * tp / total, 2) if total else 0.0}
+    if kp_labeled:
+        # of the keypoints a student is taught on the true instances, the share that is right
+        out["keypoint_precision"] = round(100 * kp_right / kp_labeled, 2)
     kinds = ["bbox"] + (["keypoints"] if any("keypoints" in a for a in truth["annotations"]) else [])
     for kind in kinds:
         ev = COCOEvaluator(truth, kind, sigmas)
@@ -240,8 +252,43 @@ def pseudo_label_quality(pseudo: dict, truth: dict, sigmas: list[float] | None =
     return out
 
 
+def keypoints_right(keypoints: list[float], truth: dict, sigmas: list[float] | None) -> tuple[int, int]:
+    """Of one pseudo-label's labeled keypoints (v > 0), how many are right: the truth has the
+    keypoint and the pair's keypoint similarity (OKS's per-keypoint term) is at least 0.5.
+    Returns (right, labeled)."""
+    k = len(keypoints) // 3
+    sig = np.asarray(sigmas if sigmas is not None else [0.07] * k, dtype=np.float64)
+    p, g = np.asarray(keypoints, dtype=np.float64).reshape(k, 3), np.asarray(truth["keypoints"], np.float64).reshape(k, 3)
+    labeled = p[:, 2] > 0
+    area = max(float(truth.get("area") or truth["bbox"][2] * truth["bbox"][3]), 1.0)
+    d2 = ((p[:, :2] - g[:, :2]) ** 2).sum(1)
+    sim = np.exp(-d2 / (2 * area * (2 * sig) ** 2))
+    right = labeled & (g[:, 2] > 0) & (sim >= 0.5)
+    return int(right.sum()), int(labeled.sum())
+
+
 def annotated_per_image(labeled: CocoData) -> float:
     return len(labeled.annotations) / max(1, len(labeled.images))
+
+
+def labeled_keypoint_fraction(labeled: CocoData) -> float | None:
+    """The share of keypoints the labeled set annotates (v > 0) on its instances with keypoints;
+    None without keypoints."""
+    vis = [v for a in labeled.annotations if a.get("keypoints") for v in a["keypoints"][2::3]]
+    return sum(1 for v in vis if v > 0) / len(vis) if vis else None
+
+
+def keypoint_threshold_for(rule, kept: list[dict], fraction: float | None) -> float | None:
+    """The keypoint threshold of a pseudo-label set: 'auto' (selection.keypoint_auto_threshold over
+    the kept instances' keypoint scores), None (keep every keypoint) or a number."""
+    if rule is None:
+        return None
+    if rule == "auto":
+        return selection.keypoint_auto_threshold([s for d in kept for s in d.get("keypoint_scores") or []], fraction)
+    t = float(rule)
+    if not math.isfinite(t):
+        raise ValueError(f"keypoint threshold must be a finite number, 'auto' or none, got {rule!r}")
+    return t
 
 
 def evaluate(checkpoint: str, val_json: str, val_root: str, *, device: str | None = None,
@@ -305,6 +352,7 @@ def predict_single_view(model, meta: dict, paths: list, *, device: str, batch_si
             items = []
             boxes, scores, labels = d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()
             kps = d["keypoints"].flatten(1).tolist() if "keypoints" in d else None
+            kscores = d["keypoints_scores"].tolist() if "keypoints_scores" in d else None
             for i, (b, sc, lab) in enumerate(zip(boxes, scores, labels)):
                 item = {"bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": sc, "label": lab,
                         "category_id": cats[lab - 1]["id"]}
@@ -312,6 +360,8 @@ def predict_single_view(model, meta: dict, paths: list, *, device: str, batch_si
                     k = kps[i]
                     k[2::3] = [1] * (len(k) // 3)
                     item["keypoints"] = k
+                if kscores is not None:
+                    item["keypoint_scores"] = kscores[i]
                 items.append(item)
             out.append(items)
         if progress:
@@ -352,13 +402,14 @@ class PipelineOptions:
                  device: str | None = None, min_size: int | None = None, baselines: bool = False,
                  options: EnsembleOptions | None = None, num_workers: int = 2, teacher_iterations: int | None = None,
                  student_iterations: int | None = None, validation: bool = True, control: bool = True,
-                 rounds: int = 1, oracle: bool = True):
+                 rounds: int = 1, oracle: bool = True, keypoint_threshold: str | float | None = "auto"):
         self.data, self.out, self.arch, self.transforms = Path(data), Path(out), arch, transforms
         self.teacher_config, self.student_config = teacher_config, student_config
         self.teacher_iterations, self.student_iterations = teacher_iterations, student_iterations
         self.threshold, self.init, self.device, self.min_size = threshold, init, device, min_size
         self.baselines, self.options, self.num_workers = baselines, options or EnsembleOptions(), num_workers
         self.validation, self.control, self.rounds, self.oracle = validation, control, rounds, oracle
+        self.keypoint_threshold = keypoint_threshold
         if rounds < 1:
             raise ValueError("rounds must be at least 1")
         for name in ("labeled.json", "unlabeled.json", "val.json"):
@@ -401,6 +452,7 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     labeled = load_coco(d / "labeled.json")
     unlabeled = load_unlabeled(str(d / "unlabeled.json"))
     target = annotated_per_image(labeled)
+    kp_fraction = labeled_keypoint_fraction(labeled)
     n_labeled = len(_with_annotations(labeled).images)
     val = dict(val_json=str(d / "val.json"), val_root=str(d / "val")) if o.validation else {}
     common = dict(arch=o.arch, min_size=o.min_size, device=device, **val)
@@ -427,9 +479,13 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
                 ensembled[ids[i]] = pred["ensembled"]
         scores = [p["score"] for items in ensembled.values() for p in items]
         t = _choose_threshold(o.threshold, scores, len(ids), target)
-        doc = pseudo_label_doc(unlabeled, ensembled, t, labeled.categories)
+        kt = keypoint_threshold_for(o.keypoint_threshold, selection.select([d for v in ensembled.values() for d in v], t),
+                                    kp_fraction)
+        doc = pseudo_label_doc(unlabeled, ensembled, t, labeled.categories, keypoint_threshold=kt)
         write_json(out / pseudo_file, doc)
         thresholds["ensembled" + tag] = t
+        if kt is not None:
+            thresholds["ensembled keypoints" + tag] = kt
         if gt is not None:
             quality["ensembled" + tag] = pseudo_label_quality(doc, gt, schema.sigmas if schema else None)
         n_pseudo = len({a["image_id"] for a in doc["annotations"]})
@@ -442,10 +498,14 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
             single = predict_single_view(model, meta, paths, device=device, progress=progress_for("infer x1 view"))
             ts = _choose_threshold(o.threshold, [p["score"] for items in single for p in items], len(ids), target)
             thresholds["single_view"] = ts
-            single_doc = pseudo_label_doc(unlabeled, dict(zip(ids, single)), ts, labeled.categories)
+            kts = keypoint_threshold_for(o.keypoint_threshold, selection.select([d for v in single for d in v], ts),
+                                         kp_fraction)
+            if kts is not None:
+                thresholds["single_view keypoints"] = kts
+            single_doc = pseudo_label_doc(unlabeled, dict(zip(ids, single)), ts, labeled.categories,
+                                          keypoint_threshold=kts)
             write_json(out / "pseudo_single.json", single_doc)
-            round_students = {"student (single view)": ("pseudo_single.json", str(out / "student_single.pt")),
-                              **round_students}
+            round_students["student (single view)"] = ("pseudo_single.json", str(out / "student_single.pt"))
             if gt is not None:
                 quality["single view"] = pseudo_label_quality(single_doc, gt, schema.sigmas if schema else None)
                 if o.oracle:

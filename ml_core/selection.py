@@ -54,6 +54,37 @@ def auto_threshold(scores, num_images: int, target_per_image: float) -> float:
     return float(s[k - 1])
 
 
+def keypoint_auto_threshold(keypoint_scores, labeled_fraction: float | None) -> float | None:
+    """The paper's rule carried over to keypoints: the heatmap score at which the kept instances
+    keep, on average, the fraction of their keypoints that the labeled set annotates (COCO leaves a
+    keypoint unlabeled when it is out of frame or cannot be placed; a pseudo-label should leave out
+    the ones its teacher is least sure of). None, keep every keypoint, when the labeled set
+    annotates them all or there are no scores.
+
+    keypoint_scores: every keypoint score of the kept instances (the heatmap logit at the decoded
+    keypoint, torchvision's keypoints_scores).
+    """
+    s = np.sort(np.asarray(keypoint_scores, dtype=np.float64).ravel())[::-1]
+    if labeled_fraction is None or labeled_fraction >= 1.0 or len(s) == 0:
+        return None
+    if labeled_fraction < 0:
+        raise ValueError("the labeled keypoint fraction must be non-negative")
+    k = int(round(labeled_fraction * len(s)))
+    return float(s[k - 1]) if k > 0 else float("inf")
+
+
+def hide_keypoints(keypoints: list[float], keypoint_scores: list[float] | None, threshold: float | None) -> list[float]:
+    """Flat COCO keypoints with the ones scored below threshold marked unlabeled (v = 0; their x, y
+    stay so that a reviewer still sees where they were). Training and COCO AP ignore v = 0."""
+    if threshold is None or keypoint_scores is None:
+        return list(keypoints)
+    out = list(keypoints)
+    for j, s in enumerate(keypoint_scores):
+        if s < threshold:
+            out[3 * j + 2] = 0
+    return out
+
+
 def score_histograms(scores, labels, bins: int = 20) -> dict:
     """Per class (and 'all'): counts of scores in `bins` equal bins over [0, 1]."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
@@ -84,10 +115,15 @@ def match_predictions(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels,
 
     A prediction's flag depends only on higher-scored ones, so the flags hold at every threshold.
     """
+    return match_to_truth(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels, iou_thresh) >= 0
+
+
+def match_to_truth(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels, iou_thresh: float = 0.5) -> np.ndarray:
+    """match_predictions' matching, as the index of each prediction's ground truth (-1: none)."""
     n = len(pred_scores)
-    tp = np.zeros(n, dtype=bool)
+    match = np.full(n, -1, dtype=np.int64)
     if n == 0 or len(gt_labels) == 0:
-        return tp
+        return match
     iou = box_iou(torch.as_tensor(pred_boxes, dtype=torch.float32).reshape(-1, 4),
                   torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4)).numpy()
     iou = iou * (np.asarray(pred_labels)[:, None] == np.asarray(gt_labels)[None, :])
@@ -96,9 +132,9 @@ def match_predictions(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels,
         cand = np.where(~taken, iou[i], -1)
         j = int(cand.argmax())
         if cand[j] >= iou_thresh:
-            tp[i] = True
+            match[i] = j
             taken[j] = True
-    return tp
+    return match
 
 
 def precision_recall(scores, tp_flags, num_gt: int, grid) -> dict:

@@ -93,23 +93,28 @@ class EnsembleOptions:
 
 @dataclass
 class Instances:
-    """Predictions in original-image coordinates; keypoints (N, K, 3) only for keypoint models."""
+    """Predictions in original-image coordinates; keypoints (N, K, 3) only for keypoint models, and
+    for the ensemble their scores (N, K): the merged heatmap's logit at each decoded keypoint."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
     keypoints: torch.Tensor | None = None
+    keypoint_scores: torch.Tensor | None = None
 
     def to(self, device) -> "Instances":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Instances(self.boxes.to(device), self.scores.to(device), self.labels.to(device),
-                         None if self.keypoints is None else self.keypoints.to(device))
+                         move(self.keypoints), move(self.keypoint_scores))
 
     def as_list(self) -> list[dict]:
-        """JSON-ready: bbox in COCO [x, y, w, h], model label (1..K), score, flat keypoints."""
+        """JSON-ready: bbox in COCO [x, y, w, h], model label (1..K), score, flat keypoints and
+        their scores."""
         b = self.boxes.tolist()
         s = self.scores.tolist()
         lab = self.labels.tolist()
         k = self.keypoints.flatten(1).tolist() if self.keypoints is not None else None
+        ks = self.keypoint_scores.tolist() if self.keypoint_scores is not None else None
         out = []
         for i in range(len(b)):
             x1, y1, x2, y2 = b[i]
@@ -117,6 +122,8 @@ class Instances:
                  "score": round(s[i], 5), "label": int(lab[i])}
             if k is not None:
                 d["keypoints"] = [round(v, 2) for v in k[i]]
+            if ks is not None:
+                d["keypoint_scores"] = [round(v, 3) for v in ks[i]]
             out.append(d)
         return out
 
@@ -300,8 +307,7 @@ class MultiTransformPredictor:
             if o.keypoint_size_dependence:
                 keep = ensemble.size_dependent_views(r.ensembled.boxes, scales, self.base_scale, o.keypoint_area_thresh)
             maps = ensemble.ensemble_heatmaps(heat[i], flips[i], self.flip_inds, o.heatmap_method, keep)
-            kps, _ = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
-            r.ensembled.keypoints = kps
+            r.ensembled.keypoints, r.ensembled.keypoint_scores = ensemble.decode_heatmaps(maps, r.ensembled.boxes)
 
     def _predict_fast(self, images: list[torch.Tensor], shown: tuple[float, int] | None = None) -> list[ImagePrediction]:
         """predict() through BatchedViews: all views padded on the device until the end of the group.
@@ -343,14 +349,16 @@ class MultiTransformPredictor:
                 r.views[v.name] = Instances(vb[i, j, :k].float(), vs[i, j, :k].float(), vl[i, j, :k],
                                             None if vk is None else vk[i, j, :k].float())
             b, sc, lab = merged[i]
-            r.ensembled = Instances(b.cpu(), sc.cpu(), lab.cpu(), None if ens_kps is None else ens_kps[i].cpu())
+            r.ensembled = Instances(b.cpu(), sc.cpu(), lab.cpu(), *(() if ens_kps is None else
+                                                                   (ens_kps[0][i].cpu(), ens_kps[1][i].cpu())))
             r.agreement = agreement[i]
             results.append(r)
         return results
 
-    def _ensemble_keypoints_fast(self, images, merged, per_scale) -> list[torch.Tensor]:
+    def _ensemble_keypoints_fast(self, images, merged, per_scale) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The keypoint head of every view on the ensembled boxes of its image, heatmaps merged
-        (flipped views mirrored back) and decoded, for the whole group at once."""
+        (flipped views mirrored back) and decoded, for the whole group at once: keypoints and
+        their scores, one tensor per image."""
         from .fast_rcnn import heatmaps_to_keypoints
         o = self.options
         n = len(images)
@@ -359,7 +367,7 @@ class MultiTransformPredictor:
         flat = torch.cat(boxes)
         if len(flat) == 0:
             k = self.model.roi_heads.keypoint_predictor.kps_score_lowres.out_channels
-            return [flat.new_zeros((0, k, 3)) for _ in boxes]
+            return [flat.new_zeros((0, k, 3)) for _ in boxes], [flat.new_zeros((0, k)) for _ in boxes]
         hw = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         keep_rows = []
         flips = (False, True) if self.transforms.flip else (False,)
@@ -385,8 +393,8 @@ class MultiTransformPredictor:
             m = mask.to(heat.dtype)[:, :, None, None, None]
             maps = (heat * m).sum(0) / m.sum(0).clamp_min(1) if o.heatmap_method == "mean" else \
                 heat.masked_fill(m == 0, float("-inf")).amax(0)
-        kps, _ = heatmaps_to_keypoints(maps, flat)
-        return list(kps.split(counts))
+        kps, scores = heatmaps_to_keypoints(maps, flat)
+        return list(kps.split(counts)), list(scores.split(counts))
 
     @staticmethod
     def _to_cpu(r: ImagePrediction) -> ImagePrediction:

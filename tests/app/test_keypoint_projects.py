@@ -35,9 +35,28 @@ def test_keypoint_workflow(as_alice, synth_kp):
     assert inf["options"]["keypoint_scales"] == "auto"
     pred = as_alice.get(f"/api/inference-runs/{inf['id']}/predictions/").json()["results"][0]
     assert len(pred["ensembled"][0]["keypoints"]) == 27 and len(pred["views"]["s48-flip"][0]["keypoints"]) == 27
+    assert len(pred["ensembled"][0]["keypoint_scores"]) == 9
+    # by default the set leaves out the keypoints its teacher is least sure of, as many per instance as
+    # the labeled set leaves unannotated (out of frame); the reviewer's own keypoints always stay
     pls = as_alice.post("/api/pseudo-label-sets/", {"run": inf["id"], "thresholds": 0.0}, format="json").json()
+    assert pls["keypoint_threshold"] == "auto"
+    pls = as_alice.get(f"/api/pseudo-label-sets/{pls['id']}/").json()
     doc = json.loads(b"".join(as_alice.get(f"/api/pseudo-label-sets/{pls['id']}/export/").streaming_content))
     assert doc["annotations"] and all(len(a["keypoints"]) == 27 for a in doc["annotations"])
+    shown = sum(a["num_keypoints"] for a in doc["annotations"])
+    labeled = [a["keypoints"] for a in as_alice.get(f"/api/datasets/{ids['labeled']}/export/").json()["annotations"]]
+    fraction = sum(v > 0 for k in labeled for v in k[2::3]) / sum(len(k) // 3 for k in labeled)
+    assert fraction < 1 and shown == pytest.approx(fraction * 9 * len(doc["annotations"]), rel=0.01)  # ties aside
+    assert pls["counts"]["keypoints_hidden"] == 9 * len(doc["annotations"]) - shown > 0
+    assert pls["counts"]["keypoint_threshold"] is not None
+    every = as_alice.post("/api/pseudo-label-sets/", {"run": inf["id"], "thresholds": 0.0, "keypoint_threshold": None},
+                          format="json").json()
+    doc = json.loads(b"".join(as_alice.get(f"/api/pseudo-label-sets/{every['id']}/export/").streaming_content))
+    assert all(a["num_keypoints"] == 9 for a in doc["annotations"])
+    for bad in ("most", True, [1]):
+        r = as_alice.post("/api/pseudo-label-sets/", {"run": inf["id"], "thresholds": 0.0, "keypoint_threshold": bad},
+                          format="json")
+        assert r.status_code == 400 and "keypoint_threshold" in r.json()["message"], r.json()
 
 
 def test_bad_keypoint_area_is_a_clear_error(as_alice, det_project, teacher):

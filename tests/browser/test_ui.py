@@ -127,6 +127,7 @@ def test_delete_a_box_and_find_the_review_through_the_api(page, live_server, rea
 def test_launch_a_student_and_watch_it_train(page, live_server, ready_run):
     page.goto(f"{live_server.url}/runs/{ready_run['run']}/review/")
     page.wait_for_selector("#review[data-ready='1']")
+    assert page.locator("#kp-threshold").is_hidden()   # a box project has no keypoints to leave out
     page.eval_on_selector("#threshold", "el => { el.value = 0.01; el.dispatchEvent(new Event('input')); }")
     page.fill("#student-form input[name=iterations]", "40")
     page.click("#launch")
@@ -194,6 +195,8 @@ def test_expired_session_goes_to_login_and_back_without_losing_edits(page, live_
 def test_a_new_box_in_a_keypoint_project_gets_keypoints_to_drag_into_place(page, live_server, keypoint_run, as_alice):
     page.goto(f"{live_server.url}/runs/{keypoint_run}/review/")
     page.wait_for_selector("#review[data-ready='1']")
+    # a keypoint project offers to leave the least sure keypoints out of the pseudo-labels (the default)
+    assert page.locator("#kp-threshold").is_visible() and page.input_value("#kp-threshold") == "auto"
     page.click(".tile >> nth=0")
     page.wait_for_selector("dialog#detail[open] .view-panel")  # laid out: the editor stays where it is
     image = int(page.get_attribute(".tile >> nth=0", "data-image"))

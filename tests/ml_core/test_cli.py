@@ -45,3 +45,22 @@ def test_infer_select_evaluate_commands(tmp_path, capsys):
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.pt"), "--arch", "nope"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_select_leaves_low_scored_keypoints_unlabeled(tmp_path, capsys):
+    data = tmp_path / "d"
+    main(["synth", str(data), "--kind", "keypoints", "--size", "64", "--labeled", "4", "--unlabeled", "2", "--val", "1"])
+    image_id = json.loads((data / "unlabeled.json").read_text())["images"][0]["id"]
+    results = [{"image_id": image_id, "bbox": [4, 4, 30, 40], "score": 0.9, "label": 1, "category_id": 1,
+                "keypoints": [10.0, 10.0, 1] * 9, "keypoint_scores": [float(j) for j in range(9)]}]
+    (tmp_path / "p.json").write_text(json.dumps(results))
+    args = ["select", str(tmp_path / "p.json"), str(data / "unlabeled.json"), "--threshold", "0.5",
+            "--out", str(tmp_path / "pl.json")]
+    assert main(args + ["--keypoint-threshold", "2.5"]) == 0
+    a = json.loads((tmp_path / "pl.json").read_text())["annotations"][0]
+    assert a["keypoints"][2::3] == [0, 0, 0, 1, 1, 1, 1, 1, 1] and a["num_keypoints"] == 6
+    assert main(args + ["--keypoint-threshold", "none"]) == 0
+    assert json.loads((tmp_path / "pl.json").read_text())["annotations"][0]["num_keypoints"] == 9
+    assert main(args) == 2 and "--keypoint-threshold auto needs --labeled" in capsys.readouterr().err
+    assert main(args + ["--labeled", str(data / "labeled.json")]) == 0
+    assert "left unlabeled" in capsys.readouterr().out

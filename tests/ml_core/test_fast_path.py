@@ -119,6 +119,9 @@ def test_predictor_fast_equals_plain(arch, nk, flip):
         assert _matched(x.boxes, x.scores, x.labels, y.boxes, y.scores, y.labels, x.keypoints, y.keypoints) \
             >= MIN_MATCHED
         assert a.agreement == pytest.approx(b.agreement, abs=1e-2)
+        if nk:  # the ensemble's keypoint scores, by both paths
+            assert x.keypoint_scores.shape == y.keypoint_scores.shape == (len(x.boxes), nk)
+            assert len(x.as_list()[0]["keypoint_scores"]) == nk
 
 
 def test_fast_path_keypoint_size_dependence_max_heatmaps_and_named_views():

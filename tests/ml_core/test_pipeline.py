@@ -1,6 +1,8 @@
 import pytest
 
-from ml_core.pipeline import pseudo_label_quality
+from ml_core.data import CocoData
+from ml_core.pipeline import (keypoint_threshold_for, labeled_keypoint_fraction, pseudo_label_doc,
+                              pseudo_label_quality)
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
 TRUTH = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"},
@@ -22,3 +24,37 @@ def test_pseudo_label_quality_counts_hits_misses_and_false_labels():
     assert q["precision"] == pytest.approx(100 * 2 / 3, abs=0.01) and q["recall"] == 50.0
     assert 0 < q["bbox_AP"] < 100 and "keypoints_AP" not in q
     assert pseudo_label_quality(TRUTH, TRUTH)["bbox_AP"] == pytest.approx(100.0)
+
+
+KP_CATS = [{"id": 1, "name": "figure", "keypoints": ["a", "b", "c"], "skeleton": []}]
+
+
+def test_pseudo_labels_leave_low_scored_keypoints_unlabeled_and_quality_counts_the_right_ones():
+    images = [{"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"}]
+    preds = {1: [{"bbox": [10, 10, 40, 40], "score": 0.9, "label": 1, "category_id": 1,
+                  "keypoints": [20, 20, 1, 30, 30, 1, 90, 90, 1], "keypoint_scores": [8.0, 5.0, 0.5]}]}
+    truth = {"images": images, "categories": KP_CATS, "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0,
+         "keypoints": [20, 20, 2, 31, 30, 2, 40, 40, 2], "num_keypoints": 3}]}
+    every = pseudo_label_doc({"images": images}, preds, 0.5, KP_CATS)
+    assert every["annotations"][0]["num_keypoints"] == 3
+    hidden = pseudo_label_doc({"images": images}, preds, 0.5, KP_CATS, keypoint_threshold=2.0)
+    a = hidden["annotations"][0]
+    assert a["keypoints"] == [20, 20, 1, 30, 30, 1, 90, 90, 0] and a["num_keypoints"] == 2
+    # the third keypoint is 50 px off: with it 2 of 3 taught keypoints are right, without it 2 of 2
+    assert pseudo_label_quality(every, truth, [0.07] * 3)["keypoint_precision"] == pytest.approx(66.67)
+    assert pseudo_label_quality(hidden, truth, [0.07] * 3)["keypoint_precision"] == 100.0
+    assert "keypoint_precision" not in pseudo_label_quality(TRUTH, TRUTH)
+
+
+def test_keypoint_threshold_rules():
+    labeled = CocoData(images=[{"id": 1, "width": 9, "height": 9, "file_name": "x.jpg"}], categories=KP_CATS,
+                       annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5],
+                                     "keypoints": [1, 1, 2, 2, 2, 1, 0, 0, 0, 3, 3, 2], "num_keypoints": 3}])
+    assert labeled_keypoint_fraction(labeled) == pytest.approx(0.75)
+    kept = [{"keypoint_scores": [4.0, 3.0, 2.0, 1.0]}]
+    assert keypoint_threshold_for("auto", kept, 0.75) == 2.0
+    assert keypoint_threshold_for(None, kept, 0.75) is None
+    assert keypoint_threshold_for(1.5, kept, 0.75) == 1.5
+    with pytest.raises(ValueError):
+        keypoint_threshold_for(float("nan"), kept, 0.75)

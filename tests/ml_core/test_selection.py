@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from ml_core.selection import (auto_threshold, kept_curves, match_predictions, precision_recall, score_histograms,
-                               select)
+from ml_core.selection import (auto_threshold, hide_keypoints, keypoint_auto_threshold, kept_curves, match_predictions,
+                               match_to_truth, precision_recall, score_histograms, select)
 
 
 def test_auto_threshold_keeps_as_many_per_image_as_the_labeled_set_has():
@@ -44,3 +44,30 @@ def test_greedy_matching_and_precision_recall():
     # a wrong class never matches
     assert not match_predictions([[0, 0, 10, 10]], [0.9], [2], gt, [1, 1]).any()
     assert np.asarray(match_predictions([], [], [], gt, [1, 1])).size == 0
+
+
+def test_match_to_truth_names_the_ground_truth():
+    gt = [[20, 20, 30, 30], [0, 0, 10, 10]]
+    m = match_to_truth([[0, 0, 10, 10], [0, 0, 10, 9], [21, 20, 30, 30]], [0.9, 0.8, 0.7], [1, 1, 1], gt, [1, 1])
+    assert m.tolist() == [1, -1, 0]
+
+
+def test_keypoint_auto_threshold_keeps_the_labeled_share_of_keypoints():
+    scores = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    t = keypoint_auto_threshold(scores, 0.8)                  # keep 8 of 10
+    assert t == pytest.approx(2.0)
+    assert sum(s >= t for s in scores) == 8
+    # a labeled set that annotates every keypoint, or nothing kept: keep them all
+    assert keypoint_auto_threshold(scores, 1.0) is None
+    assert keypoint_auto_threshold(scores, None) is None
+    assert keypoint_auto_threshold([], 0.5) is None
+    assert keypoint_auto_threshold(scores, 0.0) == float("inf")
+    with pytest.raises(ValueError):
+        keypoint_auto_threshold(scores, -0.1)
+
+
+def test_hide_keypoints_marks_the_low_scored_ones_unlabeled_and_keeps_where_they_were():
+    kps = [10, 11, 1, 20, 21, 1, 30, 31, 1]
+    assert hide_keypoints(kps, [5.0, 0.5, 2.0], 2.0) == [10, 11, 1, 20, 21, 0, 30, 31, 1]
+    assert hide_keypoints(kps, [5.0, 0.5, 2.0], None) == kps
+    assert hide_keypoints(kps, None, 2.0) == kps       # predictions without scores stay as they are

@@ -46,6 +46,9 @@ def test_keypoint_model_ensembles_heatmaps_on_fixed_boxes():
     p = MultiTransformPredictor(m, TransformSet([48, 64]), flip_inds=[0, 2, 1, 4, 3])
     o = p.predict([torch.rand(3, 64, 64)])[0]
     assert o.ensembled.keypoints.shape == (len(o.ensembled.boxes), 5, 3)
+    # each keypoint's score is the merged heatmap's logit there, as torchvision scores its own keypoints
+    assert o.ensembled.keypoint_scores.shape == (len(o.ensembled.boxes), 5)
+    assert all(len(d["keypoint_scores"]) == 5 for d in o.ensembled.as_list())
     assert o.views["s48-flip"].keypoints is not None
     with pytest.raises(ValueError, match="flip map"):
         MultiTransformPredictor(m, TransformSet([64]), flip_inds=None)

@@ -816,7 +816,10 @@
     // empty = "auto" (null): the worker sizes the bound; with validation it stops once AP converges
     const iterations = String(f.get("iterations") ?? "").trim() === "" ? null : +f.get("iterations");
     try {
-      let pls = await api("/api/pseudo-label-sets/", {method: "POST", body: {run: RUN, thresholds: currentThresholds(), apply_reviews: true}});
+      const kp = f.get("keypoint_threshold");
+      let pls = await api("/api/pseudo-label-sets/", {method: "POST", body: {
+        run: RUN, thresholds: currentThresholds(), apply_reviews: true,
+        ...(kp ? {keypoint_threshold: kp === "none" ? null : kp} : {})}});
       while (!["succeeded", "failed", "cancelled"].includes(pls.job.state)) {
         await new Promise((r) => setTimeout(r, 700));
         pls = await api(`/api/pseudo-label-sets/${pls.id}/`);
@@ -849,6 +852,7 @@
       state.nImages = sc.image_ids.length; state.val = sc.validation; state.labeledPerImage = sc.summary.labeled_instances_per_image;
       state.global = snap(state.run.auto_threshold ?? 0.5);
       document.querySelector("#student-form .no-val-note").hidden = !!state.run.validation;
+      document.querySelector("#student-form .kp-only").hidden = state.project.task !== "keypoints";
       $("auto-value").textContent = state.run.auto_threshold == null ? "(n/a)" : state.run.auto_threshold.toFixed(2);
       buildClassSliders();
       readUrl();

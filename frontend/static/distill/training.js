@@ -119,7 +119,9 @@
       const c = pls.counts || {};
       $("fed-by").replaceChildren("Trained on ",
         h("a", {id: "link-pls", href: `/api/pseudo-label-sets/${pls.id}/export/`}, `pseudo-label set #${pls.id}`),
-        ` (${c.images ?? "?"} images, ${c.instances ?? "?"} instances; thresholds ${th}) from `,
+        ` (${c.images ?? "?"} images, ${c.instances ?? "?"} instances; thresholds ${th}`,
+        c.keypoints_hidden ? h("span", {id: "kp-hidden"}, `; ${c.keypoints_hidden} keypoints scored below ${(+c.keypoint_threshold).toFixed(2)} left unlabeled`) : "",
+        ") from ",
         h("a", {id: "link-run", href: `/runs/${pls.run}/review/`}, `inference run #${pls.run}`),
         `, mixed labeled:pseudo ${run.config.ratio}.`);
       root._pls = pls;
