@@ -40,13 +40,9 @@ def _keep(instances: list[dict], thresholds: dict) -> list[dict]:
 
 def labeled_keypoint_fraction(project) -> float | None:
     """The share of keypoints the project's labeled sets annotate (v > 0); None without keypoints."""
-    shown = total = 0
     rows = Annotation.objects.filter(image__dataset__project=project, image__dataset__role="labeled",
                                      keypoints__isnull=False).values_list("keypoints", flat=True)
-    for kps in rows.iterator(chunk_size=2000):
-        vis = kps[2::3] if isinstance(kps, list) else []
-        shown, total = shown + sum(1 for v in vis if v > 0), total + len(vis)
-    return shown / total if total else None
+    return selection.annotated_keypoint_fraction(rows.iterator(chunk_size=2000))
 
 
 def _hide_keypoints(pls: PseudoLabelSet, anns: list[dict], scores: dict[int, list[float]]) -> dict:
@@ -63,8 +59,9 @@ def _hide_keypoints(pls: PseudoLabelSet, anns: list[dict], scores: dict[int, lis
     hidden = 0
     for i, ks in scores.items():
         a = anns[i]
+        before = sum(1 for v in a["keypoints"][2::3] if v > 0)
         a["keypoints"] = selection.hide_keypoints(a["keypoints"], ks, t)
-        hidden += sum(1 for v, w in zip(a["keypoints"][2::3], ks) if v == 0 and (t is not None and w < t))
+        hidden += before - sum(1 for v in a["keypoints"][2::3] if v > 0)
     return {"keypoint_threshold": None if t is None or t == float("inf") else round(t, 4), "keypoints_hidden": hidden}
 
 

@@ -274,8 +274,7 @@ def annotated_per_image(labeled: CocoData) -> float:
 def labeled_keypoint_fraction(labeled: CocoData) -> float | None:
     """The share of keypoints the labeled set annotates (v > 0) on its instances with keypoints;
     None without keypoints."""
-    vis = [v for a in labeled.annotations if a.get("keypoints") for v in a["keypoints"][2::3]]
-    return sum(1 for v in vis if v > 0) / len(vis) if vis else None
+    return selection.annotated_keypoint_fraction(a.get("keypoints") for a in labeled.annotations)
 
 
 def keypoint_threshold_for(rule, kept: list[dict], fraction: float | None) -> float | None:

@@ -73,6 +73,15 @@ def keypoint_auto_threshold(keypoint_scores, labeled_fraction: float | None) -> 
     return float(s[k - 1]) if k > 0 else float("inf")
 
 
+def annotated_keypoint_fraction(keypoint_lists) -> float | None:
+    """The share of keypoints annotated (v > 0) over flat COCO keypoint lists; None without any."""
+    shown = total = 0
+    for kps in keypoint_lists:
+        vis = kps[2::3] if kps else []
+        shown, total = shown + sum(1 for v in vis if v > 0), total + len(vis)
+    return shown / total if total else None
+
+
 def hide_keypoints(keypoints: list[float], keypoint_scores: list[float] | None, threshold: float | None) -> list[float]:
     """Flat COCO keypoints with the ones scored below threshold marked unlabeled (v = 0; their x, y
     stay so that a reviewer still sees where they were). Training and COCO AP ignore v = 0."""
