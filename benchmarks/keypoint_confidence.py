@@ -66,11 +66,8 @@ def measure(teacher: str, data: Path, scales: list[int], device: str) -> dict:
         for d, j in zip(items, match):
             if j < 0:
                 continue
-            for n, s in enumerate(d["keypoint_scores"]):
-                one = [0.0] * len(d["keypoints"])
-                one[3 * n:3 * n + 3] = d["keypoints"][3 * n:3 * n + 3]
-                ks.append(s)
-                right.append(pipeline.keypoints_right(one, gt[j], sigmas)[0])
+            ks += d["keypoint_scores"]
+            right += pipeline.keypoint_hits(d["keypoints"], gt[j], sigmas).tolist()
     ks, right = np.asarray(ks), np.asarray(right, dtype=bool)
     edges = np.quantile(ks, np.linspace(0, 1, 11))
     deciles = [round(100 * float(right[(ks >= a) & ((ks < b) if i < 9 else (ks <= b))].mean()), 1)

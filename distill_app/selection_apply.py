@@ -51,11 +51,8 @@ def _hide_keypoints(pls: PseudoLabelSet, anns: list[dict], scores: dict[int, lis
     rule = pls.keypoint_threshold
     if not scores or rule is None:
         return {"keypoint_threshold": None, "keypoints_hidden": 0}
-    if rule == "auto":
-        t = selection.keypoint_auto_threshold([v for ks in scores.values() for v in ks],
-                                              labeled_keypoint_fraction(pls.project))
-    else:
-        t = float(rule)
+    t = selection.keypoint_threshold_for(rule, [v for ks in scores.values() for v in ks],
+                                         labeled_keypoint_fraction(pls.project) if rule == "auto" else None)
     hidden = 0
     for i, ks in scores.items():
         a = anns[i]

@@ -221,7 +221,8 @@ def cmd_select(args):
         if args.keypoint_threshold == "auto" and not args.labeled:
             raise ValueError("--keypoint-threshold auto needs --labeled (the share of keypoints it annotates)")
         fraction = pipeline.labeled_keypoint_fraction(load_coco(args.labeled)) if args.labeled else None
-        kt = pipeline.keypoint_threshold_for(args.keypoint_threshold, kept, fraction)
+        kt = selection.keypoint_threshold_for(args.keypoint_threshold, [s for d in kept for s in d["keypoint_scores"]],
+                                              fraction)
         if kt is not None:
             print(f"keypoints scored below {kt:.3f} left unlabeled")
     out = pipeline.pseudo_label_doc(doc, by_image, t, doc["categories"], keypoint_threshold=kt)

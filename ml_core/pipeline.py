@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import statistics
 from dataclasses import replace
@@ -252,19 +251,22 @@ def pseudo_label_quality(pseudo: dict, truth: dict, sigmas: list[float] | None =
     return out
 
 
-def keypoints_right(keypoints: list[float], truth: dict, sigmas: list[float] | None) -> tuple[int, int]:
-    """Of one pseudo-label's labeled keypoints (v > 0), how many are right: the truth has the
-    keypoint and the pair's keypoint similarity (OKS's per-keypoint term) is at least 0.5.
-    Returns (right, labeled)."""
+def keypoint_hits(keypoints: list[float], truth: dict, sigmas: list[float] | None) -> np.ndarray:
+    """Per keypoint of one pseudo-label: labeled (v > 0) and right, that is the truth has it and the
+    pair's keypoint similarity (OKS's per-keypoint term) is at least 0.5."""
     k = len(keypoints) // 3
     sig = np.asarray(sigmas if sigmas is not None else [0.07] * k, dtype=np.float64)
     p, g = np.asarray(keypoints, dtype=np.float64).reshape(k, 3), np.asarray(truth["keypoints"], np.float64).reshape(k, 3)
-    labeled = p[:, 2] > 0
     area = max(float(truth.get("area") or truth["bbox"][2] * truth["bbox"][3]), 1.0)
     d2 = ((p[:, :2] - g[:, :2]) ** 2).sum(1)
     sim = np.exp(-d2 / (2 * area * (2 * sig) ** 2))
-    right = labeled & (g[:, 2] > 0) & (sim >= 0.5)
-    return int(right.sum()), int(labeled.sum())
+    return (p[:, 2] > 0) & (g[:, 2] > 0) & (sim >= 0.5)
+
+
+def keypoints_right(keypoints: list[float], truth: dict, sigmas: list[float] | None) -> tuple[int, int]:
+    """Of one pseudo-label's labeled keypoints (v > 0), how many are right (keypoint_hits).
+    Returns (right, labeled)."""
+    return int(keypoint_hits(keypoints, truth, sigmas).sum()), sum(1 for v in keypoints[2::3] if v > 0)
 
 
 def annotated_per_image(labeled: CocoData) -> float:
@@ -275,19 +277,6 @@ def labeled_keypoint_fraction(labeled: CocoData) -> float | None:
     """The share of keypoints the labeled set annotates (v > 0) on its instances with keypoints;
     None without keypoints."""
     return selection.annotated_keypoint_fraction(a.get("keypoints") for a in labeled.annotations)
-
-
-def keypoint_threshold_for(rule, kept: list[dict], fraction: float | None) -> float | None:
-    """The keypoint threshold of a pseudo-label set: 'auto' (selection.keypoint_auto_threshold over
-    the kept instances' keypoint scores), None (keep every keypoint) or a number."""
-    if rule is None:
-        return None
-    if rule == "auto":
-        return selection.keypoint_auto_threshold([s for d in kept for s in d.get("keypoint_scores") or []], fraction)
-    t = float(rule)
-    if not math.isfinite(t):
-        raise ValueError(f"keypoint threshold must be a finite number, 'auto' or none, got {rule!r}")
-    return t
 
 
 def evaluate(checkpoint: str, val_json: str, val_root: str, *, device: str | None = None,
@@ -423,6 +412,12 @@ def _sized(config: TrainConfig, iterations: int | None, num_images: int, device:
                    checkpoint_every=config.checkpoint_every or max(50, n // 10))
 
 
+def _keypoint_scores(per_image: Iterable[list[dict]], threshold: float) -> list[float]:
+    """Every keypoint score of the instances kept at threshold."""
+    kept = selection.select([d for items in per_image for d in items], threshold)
+    return [s for d in kept for s in d.get("keypoint_scores") or []]
+
+
 def _choose_threshold(threshold, scores, num_images: int, target: float) -> float:
     if threshold == "auto":
         return selection.auto_threshold(scores, num_images, target)
@@ -478,8 +473,7 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
                 ensembled[ids[i]] = pred["ensembled"]
         scores = [p["score"] for items in ensembled.values() for p in items]
         t = _choose_threshold(o.threshold, scores, len(ids), target)
-        kt = keypoint_threshold_for(o.keypoint_threshold, selection.select([d for v in ensembled.values() for d in v], t),
-                                    kp_fraction)
+        kt = selection.keypoint_threshold_for(o.keypoint_threshold, _keypoint_scores(ensembled.values(), t), kp_fraction)
         doc = pseudo_label_doc(unlabeled, ensembled, t, labeled.categories, keypoint_threshold=kt)
         write_json(out / pseudo_file, doc)
         thresholds["ensembled" + tag] = t
@@ -497,8 +491,7 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
             single = predict_single_view(model, meta, paths, device=device, progress=progress_for("infer x1 view"))
             ts = _choose_threshold(o.threshold, [p["score"] for items in single for p in items], len(ids), target)
             thresholds["single_view"] = ts
-            kts = keypoint_threshold_for(o.keypoint_threshold, selection.select([d for v in single for d in v], ts),
-                                         kp_fraction)
+            kts = selection.keypoint_threshold_for(o.keypoint_threshold, _keypoint_scores(single, ts), kp_fraction)
             if kts is not None:
                 thresholds["single_view keypoints"] = kts
             single_doc = pseudo_label_doc(unlabeled, dict(zip(ids, single)), ts, labeled.categories,

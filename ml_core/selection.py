@@ -73,6 +73,20 @@ def keypoint_auto_threshold(keypoint_scores, labeled_fraction: float | None) -> 
     return float(s[k - 1]) if k > 0 else float("inf")
 
 
+def keypoint_threshold_for(rule, keypoint_scores, fraction: float | None) -> float | None:
+    """A pseudo-label set's keypoint threshold from its rule: 'auto' (keypoint_auto_threshold over the
+    kept instances' keypoint scores and the labeled set's annotated fraction), None (keep every
+    keypoint) or a finite number."""
+    if rule is None:
+        return None
+    if rule == "auto":
+        return keypoint_auto_threshold(keypoint_scores, fraction)
+    t = float(rule)
+    if not np.isfinite(t):
+        raise ValueError(f"keypoint threshold must be a finite number, 'auto' or none, got {rule!r}")
+    return t
+
+
 def annotated_keypoint_fraction(keypoint_lists) -> float | None:
     """The share of keypoints annotated (v > 0) over flat COCO keypoint lists; None without any."""
     shown = total = 0

@@ -1,8 +1,8 @@
 import pytest
 
 from ml_core.data import CocoData
-from ml_core.pipeline import (keypoint_threshold_for, labeled_keypoint_fraction, pseudo_label_doc,
-                              pseudo_label_quality)
+from ml_core.pipeline import labeled_keypoint_fraction, pseudo_label_doc, pseudo_label_quality
+from ml_core.selection import keypoint_threshold_for
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
 TRUTH = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"},
@@ -52,7 +52,7 @@ def test_keypoint_threshold_rules():
                        annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5],
                                      "keypoints": [1, 1, 2, 2, 2, 1, 0, 0, 0, 3, 3, 2], "num_keypoints": 3}])
     assert labeled_keypoint_fraction(labeled) == pytest.approx(0.75)
-    kept = [{"keypoint_scores": [4.0, 3.0, 2.0, 1.0]}]
+    kept = [4.0, 3.0, 2.0, 1.0]   # the kept instances' keypoint scores
     assert keypoint_threshold_for("auto", kept, 0.75) == 2.0
     assert keypoint_threshold_for(None, kept, 0.75) is None
     assert keypoint_threshold_for(1.5, kept, 0.75) == 1.5
