@@ -24,7 +24,7 @@ import torch
 
 from ml_core.engine import Hook, TrainConfig
 from ml_core.evaluation import format_table
-from ml_core.pipeline import PipelineOptions, run_pipeline
+from ml_core.pipeline import ROUND_TEACHERS, PipelineOptions, run_pipeline
 from ml_core.synth import SynthConfig, generate
 from ml_core.transforms import TransformSet
 
@@ -58,7 +58,7 @@ class ValidationLog(Hook):
 
 
 def run_task(task: str, p: dict, out: Path, seed: int, oracle: bool = True, rounds: int = 1,
-             device: str | None = None) -> dict:
+             device: str | None = None, round_teacher: str = "ensemble") -> dict:
     data = out / f"data_{task}"
     generate(data, SynthConfig(kind=task, image_size=p["size"], labeled=p["labeled"], unlabeled=p["unlabeled"],
                                val=p["val"][task], seed=seed))
@@ -73,7 +73,8 @@ def run_task(task: str, p: dict, out: Path, seed: int, oracle: bool = True, roun
                                      transforms=TransformSet(p["scales"], flip=True), teacher_config=teacher_cfg,
                                      student_config=student_cfg, threshold="auto", baselines=True,
                                      min_size=p["size"], teacher_iterations=p["iterations"],
-                                     student_iterations=p["student"], oracle=oracle, rounds=rounds, device=device),
+                                     student_iterations=p["student"], oracle=oracle, rounds=rounds, device=device,
+                                     round_teacher=round_teacher),
                      hooks_for=lambda name: [ValidationLog(f"{task} seed {seed} {name}")])
     return task_result(task, r, minutes=round((time.time() - t) / 60, 1))
 
@@ -118,6 +119,8 @@ def main():
                                                  "initialisation, and the tables show the mean")
     ap.add_argument("--oracle", action="store_true", help="also train the oracle student (true labels)")
     ap.add_argument("--rounds", type=int, default=1, help="distillation rounds (each student teaches the next)")
+    ap.add_argument("--round-teacher", choices=ROUND_TEACHERS, default="ensemble",
+                    help="who labels for round 2 on: the previous student with the model that taught it, or alone")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); the preset's "
                                                    "schedule bounds follow the device (engine.default_iterations)")
     ap.add_argument("--threads", type=int, default=None,
@@ -143,7 +146,8 @@ def main():
                 continue
         else:
             task_seeds = seeds
-            runs = [run_task(task, p, out / f"seed{seed}", seed, args.oracle, args.rounds, args.device) for seed in seeds]
+            runs = [run_task(task, p, out / f"seed{seed}", seed, args.oracle, args.rounds, args.device,
+                             args.round_teacher) for seed in seeds]
         key = runs[0]["metric"]
         table, quality = mean_table(runs, "ap"), mean_table(runs, "pseudo_label_quality")
         minutes = [r["minutes"] for r in runs if r["minutes"] is not None]

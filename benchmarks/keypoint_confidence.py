@@ -8,7 +8,11 @@ keypoint similarity, OKS's per-keypoint term, is at least 0.5), by score decile,
 keypoints below `selection.keypoint_auto_threshold` left unlabeled (as many per instance as the
 labeled set annotates). The unlabeled split's truth is never used.
 
-Run: python benchmarks/keypoint_confidence.py --teacher runs/kp/teacher.pt --data data/kp [--out result.json]
+With --with, another model's views join the ensemble (model ensembling): how a round's student labels
+alone and together with the model that taught it (pipeline.ROUND_TEACHERS).
+
+Run: python benchmarks/keypoint_confidence.py --teacher runs/kp/teacher.pt --data data/kp [--with runs/kp/student.pt]
+     [--out result.json]
 """
 from __future__ import annotations
 
@@ -31,12 +35,13 @@ def _xyxy(b):
     return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
 
 
-def measure(teacher: str, data: Path, scales: list[int], device: str) -> dict:
+def measure(teacher: str, data: Path, scales: list[int], device: str, extra: list[str] = ()) -> dict:
     val, labeled = load_coco(data / "val.json"), load_coco(data / "labeled.json")
     t0 = time.time()
     paths = [str(data / "val" / im["file_name"]) for im in val.images]
     preds = {}
-    for i, pred, err in pipeline.infer(teacher, paths, transforms=TransformSet(scales), device=device, num_workers=0):
+    for i, pred, err in pipeline.infer(teacher, paths, transforms=TransformSet(scales), device=device, num_workers=0,
+                                        extra_checkpoints=extra):
         if pred is None:
             raise ValueError(f"validation image unreadable: {err}")
         preds[val.images[i]["id"]] = pred["ensembled"]
@@ -72,7 +77,7 @@ def measure(teacher: str, data: Path, scales: list[int], device: str) -> dict:
     edges = np.quantile(ks, np.linspace(0, 1, 11))
     deciles = [round(100 * float(right[(ks >= a) & ((ks < b) if i < 9 else (ks <= b))].mean()), 1)
                for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
-    return {"teacher": teacher, "images": len(val.images), "threshold": round(t, 4),
+    return {"teacher": teacher, "ensembled_with": list(extra), "images": len(val.images), "threshold": round(t, 4),
             "labeled_keypoint_fraction": None if fraction is None else round(fraction, 4),
             "keypoint_threshold": None if kt is None else round(kt, 3),
             "keypoints_kept": f"{sum(a['num_keypoints'] for a in hidden['annotations'])} of "
@@ -84,6 +89,8 @@ def measure(teacher: str, data: Path, scales: list[int], device: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True)
+    ap.add_argument("--with", dest="extra", action="append", default=[],
+                    help="another checkpoint whose views join the ensemble (model ensembling; repeatable)")
     ap.add_argument("--data", required=True, help="folder with labeled.json, val.json and val/")
     ap.add_argument("--scales", default="64,96,128,160", help="inference views (x flip), as the benchmark infers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,7 +99,8 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = measure(args.teacher, Path(args.data), TransformSet.parse(args.scales).scales, args.device)
+    res = measure(args.teacher, Path(args.data), TransformSet.parse(args.scales).scales, args.device,
+                  args.extra)
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

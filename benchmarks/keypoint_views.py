@@ -40,7 +40,7 @@ def view_logits(predictor, images: list[torch.Tensor], boxes: list[torch.Tensor]
         model.transform.min_size, model.transform.max_size = own
     in_view = [boxes_to_view(b, view, tuple(im.shape[-2:]), tuple(size))
                for b, im, size in zip(boxes, images, image_list.image_sizes)]
-    return predictor._keypoint_logits(feats, image_list.image_sizes, in_view)
+    return predictor._keypoint_logits(predictor.model, feats, image_list.image_sizes, in_view)
 
 
 def variants(scales: list[int], box_scales: list[int], base: int) -> dict[str, list[View]]:

@@ -228,7 +228,7 @@ class ModelCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, m
         return qs
 
     def perform_destroy(self, instance):
-        if instance.inference_runs.exists():
+        if instance.inference_runs.exists() or instance.ensembled_in.exists():
             raise Conflict("inference runs use this checkpoint; delete them first")
         instance.delete()
 
@@ -356,6 +356,8 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
             n += Image.objects.filter(dataset=v).count()
         cs = serializer.validated_data["chunk_size"]
         views = [vw.name for vw in TransformSet.from_dict(serializer.validated_data["transforms"]).views]
+        if serializer.validated_data.get("ensemble_with") is not None:  # MultiTransformPredictor's names
+            views = [f"m{k}-{name}" for k in (1, 2) for name in views]
         run = serializer.save(job=job, chunks_total=math.ceil(n / cs), view_names=views)
         _launch(job, run)
 

@@ -164,6 +164,7 @@ class ModelCheckpointSerializer(ModelSerializer):
 class InferenceRunSerializer(ModelSerializer):
     project = OwnedRelatedField(queryset=Project.objects.all(), owner_path="owner")
     checkpoint = OwnedRelatedField(queryset=ModelCheckpoint.objects.all())
+    ensemble_with = OwnedRelatedField(queryset=ModelCheckpoint.objects.all(), required=False, allow_null=True)
     dataset = OwnedRelatedField(queryset=Dataset.objects.all())
     validation = OwnedRelatedField(queryset=Dataset.objects.all(), required=False, allow_null=True)
     job = JobSerializer(read_only=True)
@@ -172,7 +173,8 @@ class InferenceRunSerializer(ModelSerializer):
 
     class Meta:
         model = InferenceRun
-        fields = ["id", "project", "checkpoint", "dataset", "validation", "transforms", "options", "chunk_size",
+        fields = ["id", "project", "checkpoint", "ensemble_with", "dataset", "validation", "transforms", "options",
+                  "chunk_size",
                   "chunks_total", "view_names", "auto_threshold", "labeled_per_image", "job", "created"]
         read_only_fields = ["chunks_total", "view_names", "auto_threshold", "labeled_per_image", "created"]
 
@@ -184,6 +186,16 @@ class InferenceRunSerializer(ModelSerializer):
                 raise serializers.ValidationError({key: f"must be a {role} dataset of this project"})
         if attrs["checkpoint"].project_id != project.pk:
             raise serializers.ValidationError({"checkpoint": "must belong to this project"})
+        other = attrs.get("ensemble_with")
+        if other is not None:
+            if other.project_id != project.pk:
+                raise serializers.ValidationError({"ensemble_with": "must belong to this project"})
+            if other.pk == attrs["checkpoint"].pk:
+                raise serializers.ValidationError({"ensemble_with": "is the checkpoint itself; choose another model"})
+            if other.arch != attrs["checkpoint"].arch:
+                raise serializers.ValidationError(
+                    {"ensemble_with": f"a {other.arch} cannot join a {attrs['checkpoint'].arch}'s ensemble: "
+                                      "the models must share their architecture"})
         if not attrs["dataset"].images.exists():
             raise serializers.ValidationError({"dataset": "the unlabeled set has no images"})
         attrs["transforms"] = _ml_option(TransformSet, attrs.get("transforms"), "transforms").to_dict()

@@ -221,10 +221,12 @@ def job_failed(request, exc, traceback, job_id: int, attempt: int | None = None)
 
 
 @functools.lru_cache(maxsize=1)
-def _predictor(path: str, mtime: float, transforms: str, options: str, device: str):
+def _predictor(path: str, mtime: float, transforms: str, options: str, device: str, extra: tuple = ()):
+    """extra: (path, mtime) of the models ensembled with it."""
     import json
     return pipeline.predictor_for(path, TransformSet.from_dict(json.loads(transforms)),
-                                  EnsembleOptions.from_dict(json.loads(options)), device)
+                                  EnsembleOptions.from_dict(json.loads(options)), device,
+                                  extra_checkpoints=[p for p, _ in extra])
 
 
 def _chunk_progress(run: InferenceRun, job: Job, total: int):
@@ -253,7 +255,7 @@ def _chunk_progress(run: InferenceRun, job: Job, total: int):
 @_guard
 def infer_chunk(run_id: int, chunk: int, attempt: int | None = None):
     import json
-    run = InferenceRun.objects.select_related("checkpoint", "job").get(pk=run_id)
+    run = InferenceRun.objects.select_related("checkpoint", "ensemble_with", "job").get(pk=run_id)
     if Prediction.objects.filter(run=run, chunk=chunk).exists():
         return "done before"
     done = 0
@@ -263,8 +265,10 @@ def infer_chunk(run_id: int, chunk: int, attempt: int | None = None):
         val_ids = set(Image.objects.filter(dataset_id=run.validation_id, id__in=[i for i, _ in items])
                       .values_list("id", flat=True)) if run.validation_id else set()
         path = str(run.checkpoint.path)
+        extra = [str(run.ensemble_with.path)] if run.ensemble_with_id else []
         predictor, _ = _predictor(path, os.path.getmtime(path), json.dumps(run.transforms, sort_keys=True),
-                                  json.dumps(run.options, sort_keys=True), _device())
+                                  json.dumps(run.options, sort_keys=True), _device(),
+                                  tuple((p, os.path.getmtime(p)) for p in extra))
         cat_index = {c["id"]: i for i, c in enumerate(run.project.categories)}
         rows = []
         report = _chunk_progress(run, job, len(every))

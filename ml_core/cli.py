@@ -182,8 +182,8 @@ def cmd_infer(args):
     paths = [str(root / im["file_name"]) for im in doc["images"]]
     for i, pred, err in pipeline.infer(args.checkpoint, paths, transforms=ts, options=opts, device=args.device,
                                        group_size=args.group_size, num_workers=args.workers,
-                                       compile_backbone=args.compile_backbone,
-                                       progress=_bar(f"infer x{len(ts.views)} views")):
+                                       compile_backbone=args.compile_backbone, extra_checkpoints=args.extra,
+                                       progress=_bar(f"infer x{len(ts.views) * (1 + len(args.extra))} views")):
         image_id = doc["images"][i]["id"]
         if err:
             errors.append(err)
@@ -268,7 +268,7 @@ def cmd_pipeline(args):
                            baselines=args.baselines, num_workers=2 if args.workers is None else args.workers,
                            validation=not args.no_validation,
                            control=not args.no_control, rounds=args.rounds, keypoint_threshold=args.keypoint_threshold,
-                           options=EnsembleOptions(keypoint_scales=args.keypoint_scales))
+                           round_teacher=args.round_teacher, options=EnsembleOptions(keypoint_scales=args.keypoint_scales))
     report = run_pipeline(opts, hooks_for=lambda name: [BarHook(name)], progress_for=lambda name: _bar(name))
     key = "keypoints" if "keypoints" in next(iter(report["results"].values())) else "bbox"
     print(f"\n{key} AP on the validation split ({report['val_images']} images):")
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("infer", help="multi-transform inference and ensembling over unlabeled images")
     s.add_argument("checkpoint")
     s.add_argument("images_json", help="COCO JSON listing the unlabeled images")
+    s.add_argument("--with", dest="extra", action="append", default=[], metavar="CHECKPOINT",
+                   help="another model whose views join the ensemble (model ensembling, e.g. a student with the "
+                        "model that taught it; repeatable)")
     s.add_argument("--images", help="image folder (default: the JSON's name without .json)")
     s.add_argument("--scales", default="400,600,800,1000", help="shorter sides, comma-separated")
     s.add_argument("--no-flip", action="store_true")
@@ -399,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-control", action="store_true",
                    help="skip the control (the teacher trained on labels alone for the student's iterations)")
     s.add_argument("--rounds", type=int, default=1, help="each round's student teaches the next round")
+    s.add_argument("--round-teacher", choices=("ensemble", "student"), default="ensemble",
+                   help="who labels for round 2 on: the previous student ensembled with the model that taught it "
+                        "(default), or the student alone")
     _add_keypoint_scales(s)
     _add_keypoint_threshold(s)
     _add_train_options(s)

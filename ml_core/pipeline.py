@@ -11,7 +11,7 @@ import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -140,14 +140,26 @@ def validator(val_json: str, val_root: str, categories: list[dict], schema: Keyp
 
 
 def predictor_for(checkpoint: str, transforms: TransformSet, options: EnsembleOptions | None = None,
-                  device: str | None = None, amp: bool = True, compile_backbone: bool = False):
+                  device: str | None = None, amp: bool = True, compile_backbone: bool = False,
+                  extra_checkpoints: Sequence[str] = ()):
+    """The checkpoint's model over every view; with extra_checkpoints, their models' views join the
+    same ensemble (they must predict the same categories and keypoints)."""
     device = device or default_device()
     model, meta = load_model(checkpoint, device)
+    extras = []
+    for path in extra_checkpoints:
+        m, other = load_model(path, device)
+        if other["arch"] != meta["arch"] or other["categories"] != meta["categories"] or \
+                other.get("keypoint_schema") != meta.get("keypoint_schema"):
+            raise ValueError(f"{os.path.basename(str(path))} predicts other categories, keypoints or architecture "
+                             f"than {os.path.basename(str(checkpoint))}: an ensemble needs the same")
+        extras.append(m)
     schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
     flip_inds = schema.flip_indices() if (schema and transforms.flip) else None
-    model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, (options or EnsembleOptions()).score_thresh)
+    for m in [model] + extras:
+        m.roi_heads.score_thresh = min(m.roi_heads.score_thresh, (options or EnsembleOptions()).score_thresh)
     return MultiTransformPredictor(model, transforms, flip_inds=flip_inds, options=options, device=device, amp=amp,
-                                   compile_backbone=compile_backbone), meta
+                                   compile_backbone=compile_backbone, extra_models=extras), meta
 
 
 def _with_categories(items: list[dict], categories: list[dict]) -> list[dict]:
@@ -158,14 +170,16 @@ def _with_categories(items: list[dict], categories: list[dict]) -> list[dict]:
 
 def infer(checkpoint: str, image_paths: list[str], *, transforms: TransformSet, options: EnsembleOptions | None = None,
           device: str | None = None, group_size: int = 4, num_workers: int = 2, progress: ProgressFn | None = None,
-          predictor=None, compile_backbone: bool = False):
+          predictor=None, compile_backbone: bool = False, extra_checkpoints: Sequence[str] = ()):
     """Multi-transform inference over files. Yields (index, prediction json | None, error | None).
 
     A prediction json holds 'ensembled' and 'views' (each a list of instances with bbox, score,
     label, category_id and keypoints for keypoint models) and the 'agreement' between views.
+    extra_checkpoints: models whose views join the ensemble (model ensembling; predictor_for).
     """
     if predictor is None:
-        predictor, meta = predictor_for(checkpoint, transforms, options, device, compile_backbone=compile_backbone)
+        predictor, meta = predictor_for(checkpoint, transforms, options, device, compile_backbone=compile_backbone,
+                                        extra_checkpoints=extra_checkpoints)
     else:
         meta = read_checkpoint(checkpoint)["meta"]
     cats = meta["categories"]
@@ -390,7 +404,8 @@ class PipelineOptions:
                  device: str | None = None, min_size: int | None = None, baselines: bool = False,
                  options: EnsembleOptions | None = None, num_workers: int = 2, teacher_iterations: int | None = None,
                  student_iterations: int | None = None, validation: bool = True, control: bool = True,
-                 rounds: int = 1, oracle: bool = True, keypoint_threshold: str | float | None = "auto"):
+                 rounds: int = 1, oracle: bool = True, keypoint_threshold: str | float | None = "auto",
+                 round_teacher: str = "ensemble"):
         self.data, self.out, self.arch, self.transforms = Path(data), Path(out), arch, transforms
         self.teacher_config, self.student_config = teacher_config, student_config
         self.teacher_iterations, self.student_iterations = teacher_iterations, student_iterations
@@ -398,11 +413,22 @@ class PipelineOptions:
         self.baselines, self.options, self.num_workers = baselines, options or EnsembleOptions(), num_workers
         self.validation, self.control, self.rounds, self.oracle = validation, control, rounds, oracle
         self.keypoint_threshold = keypoint_threshold
+        if round_teacher not in ROUND_TEACHERS:
+            raise ValueError(f"round_teacher must be one of {', '.join(ROUND_TEACHERS)}, got {round_teacher!r}")
+        self.round_teacher = round_teacher
         if rounds < 1:
             raise ValueError("rounds must be at least 1")
         for name in ("labeled.json", "unlabeled.json", "val.json"):
             if not (self.data / name).is_file():
                 raise ValueError(f"{self.data} has no {name}; write one with `distill synth` or lay yours out alike")
+
+
+# Who labels the unlabeled images for round r >= 2: the previous round's student alone, or that
+# student ensembled with the model that taught it (its views and theirs in one ensemble). Measured
+# on the validation set (benchmarks/keypoint_confidence.py --with): a student trained on ensembled
+# pseudo-labels gains little from test-time views of its own, and the two models together label
+# better than the student alone (README, "Rounds").
+ROUND_TEACHERS = ("ensemble", "student")
 
 
 def _sized(config: TrainConfig, iterations: int | None, num_images: int, device: str) -> TrainConfig:
@@ -434,7 +460,8 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
        minibatches, its schedule sized to the larger data.
     4. The control continues the teacher on labels alone for as many iterations as the student
        got: a gain counts only against the better of teacher and control.
-    5. With rounds > 1, each round's student is the next round's teacher.
+    5. With rounds > 1, each round's student is the next round's teacher; with round_teacher
+       "ensemble" (the default) together with the model that taught it.
     With baselines, also a student on single-view pseudo-labels (same threshold rule) and an
     oracle student on the unlabeled split's true labels (needs unlabeled_gt.json).
     Run again on the same folders after a stop, it keeps every model that finished (with the same
@@ -462,13 +489,15 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     gt = json.loads((d / "unlabeled_gt.json").read_text()) if (d / "unlabeled_gt.json").is_file() else None
     schema = labeled.keypoint_schema()
     thresholds, quality, students, rounds = {}, {}, {}, []
-    current = teacher
+    current, previous = teacher, []
     for r in range(1, o.rounds + 1):
         tag = "" if r == 1 else f" round {r}"
         pseudo_file = "pseudo_ensembled.json" if r == 1 else f"pseudo_ensembled_r{r}.json"
         ensembled: dict[int, list[dict]] = {}
+        labelers = 1 + len(previous)
         for i, pred, _err in infer(current, paths, transforms=o.transforms, options=o.options, device=device,
-                                  num_workers=o.num_workers, progress=progress_for(f"infer x{len(o.transforms.views)} views")):
+                                  num_workers=o.num_workers, extra_checkpoints=previous,
+                                  progress=progress_for(f"infer x{labelers * len(o.transforms.views)} views")):
             if pred is not None:
                 ensembled[ids[i]] = pred["ensembled"]
         scores = [p["score"] for items in ensembled.values() for p in items]
@@ -516,9 +545,9 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
                 str(d / "labeled.json"), str(d / "labeled"), control, config=student_cfg, teacher=teacher,
                 init="finetune", role="teacher", hooks=hooks_for("control"), **common)
             students["control (teacher + labels only)"] = (None, control)
-        rounds.append({"round": r, "teacher": current, "student": ckpt, "threshold": t,
+        rounds.append({"round": r, "teacher": current, "ensembled_with": previous, "student": ckpt, "threshold": t,
                        "student_iterations": states[name].iteration})
-        current = ckpt
+        current, previous = ckpt, ([current] if o.round_teacher == "ensemble" else [])
 
     results = {"teacher": evaluate(teacher, str(d / "val.json"), str(d / "val"), device=device)}
     for name, (_, ckpt) in students.items():

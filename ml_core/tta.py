@@ -19,7 +19,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -147,13 +147,20 @@ class MultiTransformPredictor:
 
     def __init__(self, model: torch.nn.Module, transforms: TransformSet, *, flip_inds: list[int] | None = None,
                  options: EnsembleOptions | None = None, device: str | torch.device = "cpu", amp: bool = True,
-                 fast: bool | None = None, compile_backbone: bool = False):
+                 fast: bool | None = None, compile_backbone: bool = False, extra_models: Sequence[torch.nn.Module] = ()):
         self.model = model.to(device).eval()
+        # model ensembling: the views of every model join one ensemble (e.g. a round's teacher and
+        # its student relabelling for the next round); models of the same architecture and classes
+        self.models = [self.model] + [m.to(device).eval() for m in extra_models]
         self.transforms = transforms
         self.options = options or EnsembleOptions()
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.keypoints = getattr(model.roi_heads, "keypoint_predictor", None) is not None
+        for m in self.models[1:]:
+            if (getattr(m.roi_heads, "keypoint_predictor", None) is not None) != self.keypoints or \
+                    m.roi_heads.box_predictor.cls_score.out_features != model.roi_heads.box_predictor.cls_score.out_features:
+                raise ValueError("an ensemble of models needs models with the same classes and heads")
         self.union = self.options.union
         if self.union == "auto":
             self.union = "post_nms" if self.keypoints else "pre_nms"
@@ -171,7 +178,9 @@ class MultiTransformPredictor:
         self.keypoint_scales = {s for s, on in zip(transforms.scales, ensemble.heatmap_views(
             self.options.keypoint_scales, transforms.scales, self.base_scale)) if on}
         cuda = self.device.type == "cuda"
-        self.fast = cuda if fast is None else fast
+        if fast and len(self.models) > 1:
+            raise ValueError("an ensemble of models runs the plain path (fast=False)")
+        self.fast = (cuda and len(self.models) == 1) if fast is None else fast
         if compile_backbone and not self.fast:
             raise ValueError("compiling the backbone needs the fast path (fast=True; the default on CUDA)")
         # on CUDA the fast path's backbone is a copy with batch norms folded, conv + ReLU fused, in
@@ -185,33 +194,34 @@ class MultiTransformPredictor:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _forward(self, images: list[torch.Tensor], scale: int, shown: tuple[float, int] | None = None):
+    def _forward(self, model, images: list[torch.Tensor], scale: int, shown: tuple[float, int] | None = None):
         """One batched forward pass at one scale; predictions mapped back to each input's size.
 
         shown=(nms_thresh, detections_per_img): the box head's outputs are post-processed twice,
         with the heads' current settings (the pre-NMS union) and with these (each view as the model
         gives it); returns (dets, shown_dets, feats, image_sizes), shown_dets None without it."""
-        t = self.model.transform
+        t = model.transform
         t.min_size, t.max_size = (scale,), self.transforms.max_size
         sizes = [tuple(im.shape[-2:]) for im in images]
         with self._autocast():
             image_list, _ = t(images)
-            feats = self.model.backbone(image_list.tensors)
-            proposals, _ = self.model.rpn(image_list, feats)
+            feats = model.backbone(image_list.tensors)
+            proposals, _ = model.rpn(image_list, feats)
             if shown is None:
-                dets, _ = self.model.roi_heads(feats, proposals, image_list.image_sizes)
+                dets, _ = model.roi_heads(feats, proposals, image_list.image_sizes)
                 shown_dets = None
             else:
-                dets, shown_dets = self._two_postprocessings(feats, proposals, image_list.image_sizes, shown)
+                dets, shown_dets = self._two_postprocessings(model, feats, proposals, image_list.image_sizes, shown)
         dets = t.postprocess(dets, image_list.image_sizes, sizes)
         if shown_dets is not None:
             shown_dets = t.postprocess(shown_dets, image_list.image_sizes, sizes)
         return dets, shown_dets, feats, image_list.image_sizes
 
-    def _two_postprocessings(self, feats, proposals, image_sizes, shown: tuple[float, int]):
+    @staticmethod
+    def _two_postprocessings(model, feats, proposals, image_sizes, shown: tuple[float, int]):
         """torchvision's RoIHeads forward (box models, eval) with its post-processing run twice on
         the same box-head outputs: the heads' settings, then `shown`'s."""
-        rh = self.model.roi_heads
+        rh = model.roi_heads
         x = rh.box_head(rh.box_roi_pool(feats, proposals, image_sizes))
         logits, regression = rh.box_predictor(x)
         out, own = [], (rh.nms_thresh, rh.detections_per_img)
@@ -224,8 +234,8 @@ class MultiTransformPredictor:
             rh.nms_thresh, rh.detections_per_img = own
         return out
 
-    def _keypoint_logits(self, feats, image_sizes, boxes_per_image: list[torch.Tensor]) -> list[torch.Tensor]:
-        rh = self.model.roi_heads
+    def _keypoint_logits(self, model, feats, image_sizes, boxes_per_image: list[torch.Tensor]) -> list[torch.Tensor]:
+        rh = model.roi_heads
         with self._autocast():
             x = rh.keypoint_roi_pool(feats, boxes_per_image, image_sizes)
             logits = rh.keypoint_predictor(rh.keypoint_head(x))
@@ -235,19 +245,22 @@ class MultiTransformPredictor:
     def predict(self, images: list[torch.Tensor]) -> list[ImagePrediction]:
         """Every view of every image in the group, then one ensembled prediction per image."""
         images = [im.to(self.device, non_blocking=True) for im in images]
-        t, rh = self.model.transform, self.model.roi_heads
-        own = t.min_size, t.max_size          # the views set them; the model keeps its own test size
-        heads = rh.nms_thresh, rh.detections_per_img
+        # the views set each model's test size; the heads' post-processing changes for the pre-NMS union
+        own = [(m.transform.min_size, m.transform.max_size, m.roi_heads.nms_thresh, m.roi_heads.detections_per_img)
+               for m in self.models]
+        heads = own[0][2:]
         pre_nms = self.union == "pre_nms"
         if pre_nms:
             # IoU > 1 never happens: the heads' per-class NMS keeps every box above the score threshold
-            rh.nms_thresh, rh.detections_per_img = 1.0, self.options.union_per_view
+            for m in self.models:
+                m.roi_heads.nms_thresh, m.roi_heads.detections_per_img = 1.0, self.options.union_per_view
         try:
             shown = heads if pre_nms else None
             results = self._predict_fast(images, shown) if self.fast else self._predict_plain(images, shown)
         finally:
-            t.min_size, t.max_size = own
-            rh.nms_thresh, rh.detections_per_img = heads
+            for m, (min_size, max_size, nms_thresh, per_img) in zip(self.models, own):
+                m.transform.min_size, m.transform.max_size = min_size, max_size
+                m.roi_heads.nms_thresh, m.roi_heads.detections_per_img = nms_thresh, per_img
         return results
 
     def _instances(self, d: dict, view: View, width: int) -> Instances:
@@ -263,18 +276,22 @@ class MultiTransformPredictor:
         results = [ImagePrediction(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         unions: list[list[Instances]] = [[] for _ in images]     # what is ensembled, per image
         flipped = [im.flip(-1) for im in images] if self.transforms.flip else []
-        per_scale = []  # (view list, feats, image_sizes) of the keypoint scales, kept for the keypoint pass
-        for scale in self.transforms.scales:
-            batch = images + flipped
-            dets, shown_dets, feats, image_sizes = self._forward(batch, scale, shown)
-            views = [View(scale, False)] * n + [View(scale, True)] * len(flipped)
-            if self.keypoints and scale in self.keypoint_scales:
-                per_scale.append((views, feats, image_sizes))
-            for j, v in enumerate(views):
-                r = results[j % n]
-                union = self._instances(dets[j], v, r.width)
-                unions[j % n].append(union)
-                r.views[v.name] = union if shown_dets is None else self._instances(shown_dets[j], v, r.width)
+        per_scale = []  # (model, view list, feats, image_sizes) of the keypoint scales, for the keypoint pass
+        for k, model in enumerate(self.models):
+            # one model's views keep their names; an ensemble of models names them m1-s96, m2-s96, ...
+            prefix = f"m{k + 1}-" if len(self.models) > 1 else ""
+            for scale in self.transforms.scales:
+                batch = images + flipped
+                dets, shown_dets, feats, image_sizes = self._forward(model, batch, scale, shown)
+                views = [View(scale, False)] * n + [View(scale, True)] * len(flipped)
+                if self.keypoints and scale in self.keypoint_scales:
+                    per_scale.append((model, views, feats, image_sizes))
+                for j, v in enumerate(views):
+                    r = results[j % n]
+                    union = self._instances(dets[j], v, r.width)
+                    unions[j % n].append(union)
+                    r.views[prefix + v.name] = union if shown_dets is None else \
+                        self._instances(shown_dets[j], v, r.width)
         merged = ensemble.ensemble_boxes_batch([torch.cat([u.boxes for u in un]) for un in unions],
                                                [torch.cat([u.scores for u in un]) for un in unions],
                                                [torch.cat([u.labels for u in un]) for un in unions],
@@ -292,12 +309,12 @@ class MultiTransformPredictor:
         heat: list[list[torch.Tensor]] = [[] for _ in results]
         flips: list[list[bool]] = [[] for _ in results]
         scales: list[int] = []
-        for views, feats, image_sizes in per_scale:
+        for model, views, feats, image_sizes in per_scale:
             boxes = []
             for j, v in enumerate(views):
                 r = results[j % n]
                 boxes.append(boxes_to_view(r.ensembled.boxes, v, (r.height, r.width), tuple(image_sizes[j])))
-            for j, logits in enumerate(self._keypoint_logits(feats, image_sizes, boxes)):
+            for j, logits in enumerate(self._keypoint_logits(model, feats, image_sizes, boxes)):
                 heat[j % n].append(logits)
                 flips[j % n].append(views[j].flip)
             scales += [v.scale for v in views[::n]]

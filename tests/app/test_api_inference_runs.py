@@ -95,6 +95,30 @@ def test_bad_transform_options(as_alice, det_project, teacher):
     assert "unlabeled dataset" in r.json()["message"]
 
 
+def test_an_ensemble_of_two_models_runs_both_models_views(as_alice, det_project, teacher):
+    """A round's student labels together with the model that taught it: both models' views, one ensemble."""
+    from .conftest import run_inference, train_teacher
+    other = train_teacher(as_alice, det_project)
+    run = run_inference(as_alice, det_project, other["checkpoint"], ensemble_with=teacher["checkpoint"])
+    assert run["job"]["state"] == "succeeded", run["job"]
+    assert run["ensemble_with"] == teacher["checkpoint"]
+    one = ["s48", "s48-flip", "s64", "s64-flip"]
+    assert run["view_names"] == [f"m1-{v}" for v in one] + [f"m2-{v}" for v in one]
+    p = as_alice.get(f"/api/inference-runs/{run['id']}/predictions/").json()["results"][0]
+    assert set(p["views"]) == set(run["view_names"])
+    # a model an inference run ensembles with cannot be deleted from under it
+    r = as_alice.delete(f"/api/models/{teacher['checkpoint']}/")
+    assert r.status_code == 409 and "inference runs use this checkpoint" in r.json()["message"]
+
+
+def test_bad_ensembles_are_refused_by_name(as_alice, det_project, teacher):
+    body = {"project": det_project["project"], "checkpoint": teacher["checkpoint"], "dataset": det_project["unlabeled"]}
+    r = as_alice.post("/api/inference-runs/", {**body, "ensemble_with": teacher["checkpoint"]}, format="json")
+    assert r.status_code == 400 and "the checkpoint itself" in r.json()["message"]
+    r = as_alice.post("/api/inference-runs/", {**body, "ensemble_with": 99999}, format="json")
+    assert r.status_code == 400 and "ensemble_with" in r.json()["message"]
+
+
 def test_retry_runs_only_missing_chunks(as_alice, finished_run, monkeypatch):
     from distill_app import tasks
     from distill_app.models import Job, InferenceRun

@@ -137,9 +137,13 @@ def test_auto_iterations_and_distill_again_rounds(page, live_server, ready_run, 
     prev = as_alice.get(f"/api/inference-runs/{ready_run['run']}/").json()
     new = as_alice.get(f"/api/inference-runs/{nxt}/").json()
     assert new["checkpoint"] == s1run["checkpoint"]
+    # by default together with the model that taught it: both models' views in one ensemble
+    assert new["ensemble_with"] == prev["checkpoint"]
+    assert new["view_names"] == [f"m{k}-{v}" for k in (1, 2) for v in prev["view_names"]]
     for k in ("dataset", "validation", "transforms", "options", "chunk_size"):
         assert new[k] == prev[k], k
     page.wait_for_selector(f".job.fresh[data-run='{nxt}']")
+    assert " + " in page.inner_text(f".job.fresh[data-run='{nxt}']")
     finished(as_alice, f"/api/inference-runs/{nxt}/", "round 2 inference")
 
     # --- round 2 (through the API): its teacher is round 1's student

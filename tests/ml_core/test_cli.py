@@ -17,6 +17,8 @@ def test_pipeline_end_to_end_on_cpu(tmp_path, capsys):
                                       "student (ensembled) round 2"}
     assert "AP" in report["results"]["teacher"]["bbox"] and report["options"]["keypoint_scales"] == "auto"
     assert [r["round"] for r in report["rounds"]] == [1, 2] and report["rounds"][1]["teacher"].endswith("student.pt")
+    # round 2 labels with the student and the model that taught it, together
+    assert report["rounds"][0]["ensembled_with"] == [] and report["rounds"][1]["ensembled_with"] == [str(out / "teacher.pt")]
     assert report["training"]["teacher"]["validation"][-1]["iteration"] == 3
 
 
@@ -33,6 +35,10 @@ def test_infer_select_evaluate_commands(tmp_path, capsys):
     assert "keypoint_scales 50 not among the views' scales (48, 64)" in capsys.readouterr().err
     views = json.loads((tmp_path / "v.json").read_text())
     assert {v["view"] for v in views} <= {"s48", "s48-flip", "s64", "s64-flip"}
+    assert main(["infer", str(ck), str(data / "unlabeled.json"), "--scales", "48", "--no-flip", "--with", str(ck),
+                 "--views-out", str(tmp_path / "v2.json"), "--out", str(tmp_path / "p2.json"), "--workers", "0",
+                 "--device", "cpu"]) == 0
+    assert {v["view"] for v in json.loads((tmp_path / "v2.json").read_text())} <= {"m1-s48", "m2-s48"}
     assert main(["select", str(tmp_path / "p.json"), str(data / "unlabeled.json"), "--threshold", "auto",
                  "--labeled", str(data / "labeled.json"), "--out", str(tmp_path / "pl.json")]) == 0
     assert main(["evaluate", str(ck), str(data / "val.json"), "--json", "--device", "cpu"]) == 0

@@ -58,3 +58,30 @@ def test_keypoint_threshold_rules():
     assert keypoint_threshold_for(1.5, kept, 0.75) == 1.5
     with pytest.raises(ValueError):
         keypoint_threshold_for(float("nan"), kept, 0.75)
+
+
+def test_pipeline_options_name_a_bad_round_teacher(tmp_path):
+    from ml_core.engine import TrainConfig
+    from ml_core.pipeline import PipelineOptions
+    from ml_core.transforms import TransformSet
+    for name in ("labeled.json", "unlabeled.json", "val.json"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ValueError, match="round_teacher must be one of ensemble, student"):
+        PipelineOptions(str(tmp_path), str(tmp_path / "out"), "fasterrcnn_tiny", TransformSet([64]), TrainConfig(),
+                        TrainConfig(), round_teacher="teacher")
+
+
+def test_an_ensemble_refuses_a_model_of_other_categories(tmp_path):
+    import torch
+    from ml_core.checkpoint import model_meta, save_checkpoint
+    from ml_core.models import build_model
+    from ml_core.pipeline import predictor_for
+    from ml_core.transforms import TransformSet
+    paths = []
+    for k, cats in enumerate((CATS, CATS[:1])):
+        torch.manual_seed(k)
+        m, _ = build_model("fasterrcnn_tiny", len(cats) + 1, min_size=64, max_size=96)
+        paths.append(str(tmp_path / f"m{k}.pt"))
+        save_checkpoint(paths[-1], m, model_meta("fasterrcnn_tiny", cats, None, 64, 96))
+    with pytest.raises(ValueError, match="m1.pt predicts other categories"):
+        predictor_for(paths[0], TransformSet([64]), device="cpu", extra_checkpoints=[paths[1]])

@@ -195,3 +195,37 @@ def test_run_inference_gives_what_predict_gives(tmp_path):
                 assert err is None
                 assert torch.equal(w.ensembled.boxes, p.ensembled.boxes)
                 assert torch.equal(w.ensembled.scores, p.ensembled.scores)
+
+
+def test_an_ensemble_of_models_votes_over_every_models_views():
+    """Model ensembling: each model's views are its own predictions (named m1-..., m2-...), and the
+    ensemble's keypoints come from both models' heatmaps on the same fixed boxes."""
+    torch.manual_seed(0)
+    a, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=64, max_size=96)
+    b, _ = build_model("keypointrcnn_tiny", 2, 5, min_size=64, max_size=96)
+    for m in (a, b):
+        m.roi_heads.score_thresh = 0.0
+    ts, flips, x = TransformSet([48, 64]), [0, 2, 1, 4, 3], [torch.rand(3, 64, 64)]
+    alone_a = MultiTransformPredictor(a, ts, flip_inds=flips).predict(x)[0]
+    alone_b = MultiTransformPredictor(b, ts, flip_inds=flips).predict(x)[0]
+    both = MultiTransformPredictor(a, ts, flip_inds=flips, extra_models=[b]).predict(x)[0]
+    assert list(both.views) == [f"m{k}-{v}" for k in (1, 2) for v in alone_a.views]
+    for name in alone_a.views:
+        assert torch.allclose(both.views["m1-" + name].boxes, alone_a.views[name].boxes)
+        assert torch.allclose(both.views["m2-" + name].boxes, alone_b.views[name].boxes)
+    assert both.ensembled.keypoints.shape == (len(both.ensembled.boxes), 5, 3)
+    assert len(both.ensembled.boxes) and not torch.equal(both.ensembled.boxes, alone_a.ensembled.boxes)
+    assert a.transform.min_size == (64,) and b.transform.min_size == (64,)  # each model's test size restored
+
+
+def test_an_ensemble_of_models_needs_the_same_heads_and_runs_the_plain_path(det_model):
+    kp, _ = build_model("keypointrcnn_tiny", 4, 5, min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="same classes"):
+        MultiTransformPredictor(det_model, TransformSet([64], flip=False), extra_models=[kp])
+    other, _ = build_model("fasterrcnn_tiny", 3, min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="same classes"):
+        MultiTransformPredictor(det_model, TransformSet([64], flip=False), extra_models=[other])
+    twin, _ = build_model("fasterrcnn_tiny", 4, min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="plain path"):
+        MultiTransformPredictor(det_model, TransformSet([64], flip=False), extra_models=[twin], fast=True)
+    assert not MultiTransformPredictor(det_model, TransformSet([64]), extra_models=[twin]).fast

@@ -96,13 +96,18 @@
       all(`/api/inference-runs/?project=${PID}`), all(`/api/evaluations/?project=${PID}`)]);
     // any model can teach: a student is the next round's teacher
     fillSelect(document.getElementById("ckpt-select"), ckpts, (c) => `${c.name} · ${c.role} · ${c.arch}`);
+    // no second model unless the user picks one ("distill again" picks the model that taught the student)
+    const withSel = document.getElementById("ckpt-with");
+    const keepWith = withSel.value;
+    withSel.replaceChildren(h("option", {value: ""}, "no other model"), ...ckpts.map((c) => h("option", {value: c.id}, `${c.name} · ${c.role} · ${c.arch}`)));
+    if ([...withSel.options].some((o) => o.value === keepWith)) withSel.value = keepWith;
     checkpoints = ckpts; suggestScales();
     document.getElementById("teacher-runs").replaceChildren(...runs.filter((r) => r.role === "teacher").map((r) =>
       jobLine(r.job, h("a", {href: `/training/${r.id}/`}, `teacher run #${r.id} · ${r.arch}`), `/api/training-runs/${r.id}/cancel/`)));
     const ckName = (id) => { const c = ckpts.find((k) => k.id === id); return c ? `${c.name} (${c.role})` : `model ${id}`; };
     const fresh = +new URLSearchParams(location.search).get("inference");
     document.getElementById("infer-runs").replaceChildren(...infer.map((r) => {
-      const line = jobLine(r.job, h("span", {}, `run #${r.id} of ${ckName(r.checkpoint)}: ${r.view_names.length || r.transforms.scales.length * (r.transforms.flip ? 2 : 1)} views `, r.job.state === "succeeded"
+      const line = jobLine(r.job, h("span", {}, `run #${r.id} of ${ckName(r.checkpoint)}${r.ensemble_with ? ` + ${ckName(r.ensemble_with)}` : ""}: ${r.view_names.length || r.transforms.scales.length * (r.transforms.flip ? 2 : 1)} views `, r.job.state === "succeeded"
         ? h("a", {class: "button", href: `/runs/${r.id}/review/`}, "Review pseudo-labels") : ""), `/api/inference-runs/${r.id}/cancel/`);
       line.dataset.run = r.id;
       if (r.id === fresh) line.classList.add("fresh");
@@ -246,6 +251,7 @@
     try {
       await api("/api/inference-runs/", {method: "POST", body: {
         project: PID, checkpoint: +f.get("checkpoint"), dataset: +f.get("dataset"),
+        ensemble_with: f.get("ensemble_with") ? +f.get("ensemble_with") : null,
         validation: f.get("validation") ? +f.get("validation") : null,
         transforms: {scales: f.get("scales").split(",").map((s) => parseInt(s, 10)), flip: f.get("flip") === "on", max_size: 4000},
         options: {method: f.get("method"), ...(TASK === "keypoints" ? {keypoint_scales: f.get("keypoint_scales"), keypoint_size_dependence: f.get("size_dependence") === "on"} : {})}}});

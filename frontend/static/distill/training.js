@@ -197,7 +197,8 @@
   }
   /* Rounds: a finished student becomes the next round's teacher. "Distill again" starts an
      inference run of this student's checkpoint on the same unlabeled set, with the transforms and
-     options of the inference run that fed it (its pseudo-label set's run). */
+     options of the inference run that fed it (its pseudo-label set's run), by default ensembled with
+     the model that taught it (that run's checkpoint). */
   function renderAgain(run) {
     const box = $("again");
     if (!box) return;
@@ -213,6 +214,7 @@
       const prev = await api(`/api/inference-runs/${pls.run}/`);
       const next = await api("/api/inference-runs/", {method: "POST", body: {
         project: PID, checkpoint: run.checkpoint, dataset: prev.dataset, validation: prev.validation,
+        ensemble_with: $("again-with").checked ? prev.checkpoint : null,
         transforms: prev.transforms, options: prev.options, chunk_size: prev.chunk_size}});
       root.dataset.nextRun = next.id;
       location.href = `/projects/${PID}/?inference=${next.id}#infer-card`;
