@@ -329,7 +329,8 @@ PREDICTION_PARAMS = [
     OpenApiParameter("thresholds", str, description='per-class JSON for kept_min/kept_max, e.g. {"default": 0.5}'),
     OpenApiParameter("kept_min", int, description="only images keeping at least this many instances at the thresholds"),
     OpenApiParameter("kept_max", int, description="only images keeping at most this many instances at the thresholds"),
-    OpenApiParameter("compact", bool, description="ensembled instances as [x, y, w, h, score, category_id(, keypoints)] "
+    OpenApiParameter("compact", bool, description="ensembled instances as [x, y, w, h, score, category_id(, keypoints(, "
+                     "keypoint_scores))] "
                      "rounded to 0.1 px and 1e-5 (as /scores/), without the derivable urls (what the review grid draws)"),
     OpenApiParameter("image", int, description="only this image"),
     OpenApiParameter("views", bool, description="include every single view's predictions (default true)"),

@@ -44,7 +44,7 @@ def run_image_ids(run: InferenceRun) -> list[int]:
 def build(run: InferenceRun) -> dict:
     image_ids = run_image_ids(run)
     index = {i: n for n, i in enumerate(image_ids)}
-    scores, cats, imgs = [], [], []
+    scores, cats, imgs, kps = [], [], [], []
     per_image_scores = [[] for _ in image_ids]
     rows = Prediction.objects.filter(run=run, validation=False).values_list("image_id", "ensembled")
     for image_id, ens in rows.iterator(chunk_size=2000):
@@ -54,7 +54,17 @@ def build(run: InferenceRun) -> dict:
             cats.append(d["category_id"])
             imgs.append(n)
             per_image_scores[n].append(d["score"])
+            kps.append(d.get("keypoint_scores"))
     u_scores, u_cats, u_img = np.asarray(scores, np.float32), np.asarray(cats, np.int32), np.asarray(imgs, np.int32)
+    # each instance's keypoint scores (keypoint runs; NaN where a run predates them), for the
+    # keypoints the automatic keypoint threshold leaves out at any instance thresholds
+    k = max((len(x) for x in kps if x), default=0)
+    u_kps = np.full((len(kps), k), np.nan, np.float32)
+    for i, x in enumerate(kps):
+        if x:
+            u_kps[i, :len(x)] = x
+    from .selection_apply import labeled_keypoint_fraction
+    kp_fraction = labeled_keypoint_fraction(run.project) if k else None
 
     v_scores, v_cats, v_tp, num_gt = np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, bool), {}
     if run.validation_id:
@@ -81,6 +91,8 @@ def build(run: InferenceRun) -> dict:
         "images": len(image_ids),
         "instances": int(len(u_scores)),
         "labeled_instances_per_image": None if target is None else round(target, 4),
+        # the share of keypoints the labeled sets annotate, when the run finished
+        "labeled_keypoint_fraction": None if kp_fraction is None else round(kp_fraction, 4),
         "auto_threshold": None if auto is None else round(auto, 4),
         "histograms": selection.score_histograms(u_scores, u_cats, bins=20),
         "curves": selection.kept_curves(per_image_scores, GRID),
@@ -94,7 +106,7 @@ def build(run: InferenceRun) -> dict:
     npz, js = _paths(run)
     npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(str(npz) + ".tmp.npz", u_scores=u_scores, u_cats=u_cats, u_img=u_img, n_images=len(image_ids),
-             image_ids=np.asarray(image_ids, np.int64),
+             image_ids=np.asarray(image_ids, np.int64), u_kps=u_kps,
              v_scores=v_scores, v_cats=v_cats, v_tp=v_tp, num_gt=np.asarray(sum(num_gt.values())))
     os.replace(str(npz) + ".tmp.npz", npz)
     js.write_text(json.dumps(summary))
@@ -175,6 +187,15 @@ def at(run: InferenceRun, thresholds: dict) -> dict:
                "instances_per_image": round(float(kept) / n, 4) if n else 0.0,
                "images_with_labels": with_labels, "images": n,
                "per_category": {str(int(c)): per_cat[j] for j, c in enumerate(ix["cats"])}}
+    fraction = summary.get("labeled_keypoint_fraction")
+    if fraction is not None and a.get("u_kps") is not None and a["u_kps"].size:
+        # what a pseudo-label set with keypoint threshold "auto" would leave out of these instances
+        kept_kps = a["u_kps"][a["u_scores"] >= _per_instance(a["u_cats"], thresholds)].ravel()
+        kept_kps = kept_kps[~np.isnan(kept_kps)]
+        kt = selection.keypoint_auto_threshold(kept_kps, fraction)
+        current["keypoint_threshold_auto"] = None if kt is None or not np.isfinite(kt) else round(float(kt), 4)
+        current["keypoints_hidden_auto"] = int((kept_kps < kt).sum()) if kt is not None else 0
+        current["keypoints_kept"] = int(kept_kps.size)
     if summary.get("validation"):
         vk = a["v_scores"] >= _per_instance(a["v_cats"], thresholds)
         tp = int((a["v_tp"] & vk).sum())

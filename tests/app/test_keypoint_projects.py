@@ -49,6 +49,13 @@ def test_keypoint_workflow(as_alice, synth_kp):
     assert fraction < 1 and shown == pytest.approx(fraction * 9 * len(doc["annotations"]), rel=0.01)  # ties aside
     assert pls["counts"]["keypoints_hidden"] == 9 * len(doc["annotations"]) - shown > 0
     assert pls["counts"]["keypoint_threshold"] is not None
+    # the review screen learns the same cut before any set is written: threshold-stats at the same
+    # thresholds, and each compact row carries its keypoint scores to draw the left-out ones hollow
+    cur = as_alice.get(f"/api/inference-runs/{inf['id']}/threshold-stats/?threshold=0").json()["current"]
+    assert cur["keypoint_threshold_auto"] == pytest.approx(pls["counts"]["keypoint_threshold"], abs=1e-3)
+    assert cur["keypoints_hidden_auto"] == pls["counts"]["keypoints_hidden"] and cur["keypoints_kept"] == 9 * len(doc["annotations"])
+    row = as_alice.get(f"/api/inference-runs/{inf['id']}/predictions/?compact=1&views=false").json()["results"][0]
+    assert len(row["ensembled"][0]) == 8 and len(row["ensembled"][0][7]) == 9
     every = as_alice.post("/api/pseudo-label-sets/", {"run": inf["id"], "thresholds": 0.0, "keypoint_threshold": None},
                           format="json").json()
     doc = json.loads(b"".join(as_alice.get(f"/api/pseudo-label-sets/{every['id']}/export/").streaming_content))

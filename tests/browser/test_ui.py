@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -197,6 +198,17 @@ def test_a_new_box_in_a_keypoint_project_gets_keypoints_to_drag_into_place(page,
     page.wait_for_selector("#review[data-ready='1']")
     # a keypoint project offers to leave the least sure keypoints out of the pseudo-labels (the default)
     assert page.locator("#kp-threshold").is_visible() and page.input_value("#kp-threshold") == "auto"
+    # what "auto" leaves out at the thresholds in force: the server's figure, drawn hollow on the tiles
+    page.eval_on_selector("#threshold", "el => { el.value = 0.01; el.dispatchEvent(new Event('input')); }")
+    th = page.evaluate("document.getElementById('threshold').value")
+    cur = as_alice.get(f"/api/inference-runs/{keypoint_run}/threshold-stats/?thresholds={json.dumps({'default': float(th)})}").json()["current"]
+    assert cur["keypoint_threshold_auto"] is not None, (th, cur)
+    page.wait_for_function("(t) => { const c = document.getElementById('review').dataset.kpCut; "
+                           "return c !== undefined && c !== '' && Math.abs(+c - t) < 1e-6; }", arg=cur["keypoint_threshold_auto"])
+    assert f"{cur['keypoints_hidden_auto']} of {cur['keypoints_kept']} keypoints left out" in page.inner_text("#kp-note")
+    page.select_option("#kp-threshold", "none")
+    page.wait_for_function("document.getElementById('kp-note').textContent.startsWith('every keypoint')")
+    page.select_option("#kp-threshold", "auto")
     page.click(".tile >> nth=0")
     page.wait_for_selector("dialog#detail[open] .view-panel")  # laid out: the editor stays where it is
     image = int(page.get_attribute(".tile >> nth=0", "data-image"))

@@ -248,9 +248,10 @@
     return `/api/inference-runs/${RUN}/predictions/?${q}`;
   }
 
-  // compact rows: [x, y, w, h, score, category_id, keypoints?] -> the objects the drawing code takes
+  // compact rows: [x, y, w, h, score, category_id, keypoints?, keypoint_scores?] -> the objects the drawing code takes
   const expand = (list) => list.map((d) => (Array.isArray(d)
-    ? {bbox: [d[0], d[1], d[2], d[3]], score: d[4], category_id: d[5], ...(d[6] ? {keypoints: d[6]} : {})} : d));
+    ? {bbox: [d[0], d[1], d[2], d[3]], score: d[4], category_id: d[5], ...(d[6] ? {keypoints: d[6]} : {}),
+       ...(d[7] ? {keypoint_scores: d[7]} : {})} : d));
   function expandRow(r) {
     r.ensembled = expand(r.ensembled);
     r.url = r.url || `/api/images/${r.image}/file/`;
@@ -318,7 +319,35 @@
     const r = item.review;
     if (r && r.state === "edited") return {list: r.instances, edited: true};
     if (r && r.state === "rejected") return {list: [], rejected: true};
-    return {list: item.ensembled};
+    const cut = keypointCut();
+    if (cut === null) return {list: item.ensembled};
+    // the keypoints the student form's keypoint threshold leaves unlabeled: drawn hollow
+    return {list: item.ensembled.map((d) => (d.keypoints && d.keypoint_scores ? {...d, keypoints: d.keypoints.map((v, n) =>
+      (n % 3 === 2 && d.keypoint_scores[(n - 2) / 3] < cut ? 0 : v))} : d)), hollow: true};
+  }
+
+  /* Keypoint projects: which keypoints a pseudo-label set would leave out. "auto" is the threshold
+     the server computes over every kept instance's keypoint scores at the thresholds in force
+     (threshold-stats' keypoint_threshold_auto), asked for once the slider settles. */
+  function keypointCut() {
+    if (state.project.task !== "keypoints" || $("kp-threshold").value === "none") return null;
+    return state.kpAuto ?? null;
+  }
+  let kpAsked = 0, kpPending = false;
+  async function refreshKeypointCut() {
+    kpPending = false;
+    if (state.project.task !== "keypoints") return;
+    const seq = ++kpAsked;
+    const q = new URLSearchParams({thresholds: JSON.stringify(currentThresholds())});
+    const st = await api(`/api/inference-runs/${RUN}/threshold-stats/?${q}`).catch(fail);
+    if (!st || seq !== kpAsked) return;
+    const c = st.current;
+    state.kpAuto = c.keypoint_threshold_auto ?? null;
+    $("kp-note").textContent = c.keypoint_threshold_auto == null ? "" : $("kp-threshold").value === "none"
+      ? "every keypoint of the kept instances is taught"
+      : `${c.keypoints_hidden_auto} of ${c.keypoints_kept} keypoints left out (score below ${c.keypoint_threshold_auto.toFixed(2)}), drawn hollow on the tiles`;
+    root.dataset.kpCut = state.kpAuto ?? "";
+    redrawTiles();
   }
 
   // with a class filter, tiles draw that class alone
@@ -326,9 +355,10 @@
   function drawTile(t) {
     const item = t._item, ctx = t._canvas.getContext("2d");
     ctx.clearRect(0, 0, t._canvas.width, t._canvas.height);
-    const {list, edited, rejected} = tileInstances(item);
+    const {list, edited, rejected, hollow} = tileInstances(item);
     const th = edited ? (c) => (shownOnTile(c) ? 0 : Infinity) : (c) => (shownOnTile(c) ? thresholdOf(c) : Infinity);
-    const n = drawInstances(ctx, edited ? list.map((d) => ({...d, score: d.score ?? 1})) : list, state.cats, t._s, {threshold: th, lineWidth: 1.5});
+    const n = drawInstances(ctx, edited ? list.map((d) => ({...d, score: d.score ?? 1})) : list, state.cats, t._s,
+      {threshold: th, lineWidth: 1.5, unplaced: !!hollow});
     t.dataset.drawn = n;
     t.classList.toggle("rejected", !!rejected);
     t.classList.toggle("accepted", !!(item.review && item.review.state === "accepted"));
@@ -340,6 +370,7 @@
   let refilter = null;  // a pending re-query after a threshold change
   function resetGrid() {
     clearTimeout(refilter);  // this query already has the thresholds in force
+    if (kpPending) refreshKeypointCut();
     state.gen = (state.gen || 0) + 1;
     state.items = []; state.total = 0; state.loading.clear();
     for (const t of tiles.values()) t.remove();
@@ -364,7 +395,8 @@
     breakdown.push({stats: b - t0, panel: c - b, tiles: d - c});
     root.dataset.updates = String(timings.length);
     clearTimeout(refilter);
-    refilter = setTimeout(() => (thresholdFiltered() ? resetGrid() : saveUrl()), 300);
+    kpPending = state.project.task === "keypoints";
+    refilter = setTimeout(() => { if (thresholdFiltered()) resetGrid(); else { saveUrl(); refreshKeypointCut(); } }, 300);
   }
 
   const classInputs = {};
@@ -852,7 +884,7 @@
       state.nImages = sc.image_ids.length; state.val = sc.validation; state.labeledPerImage = sc.summary.labeled_instances_per_image;
       state.global = snap(state.run.auto_threshold ?? 0.5);
       document.querySelector("#student-form .no-val-note").hidden = !!state.run.validation;
-      document.querySelector("#student-form .kp-only").hidden = state.project.task !== "keypoints";
+      document.querySelectorAll("#student-form .kp-only").forEach((el) => (el.hidden = state.project.task !== "keypoints"));
       $("auto-value").textContent = state.run.auto_threshold == null ? "(n/a)" : state.run.auto_threshold.toFixed(2);
       buildClassSliders();
       readUrl();
@@ -860,6 +892,8 @@
       buildCharts(sc.summary);
       renderStats(computeStats());
       resetGrid();
+      $("kp-threshold").addEventListener("change", refreshKeypointCut);
+      await refreshKeypointCut();
       root.dataset.ready = "1";
     } catch (e) { fail(e); }
   })();
