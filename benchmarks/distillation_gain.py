@@ -58,7 +58,7 @@ class ValidationLog(Hook):
 
 
 def run_task(task: str, p: dict, out: Path, seed: int, oracle: bool = True, rounds: int = 1,
-             device: str | None = None, round_teacher: str = "ensemble") -> dict:
+             device: str | None = None, round_teacher: str = "auto") -> dict:
     data = out / f"data_{task}"
     generate(data, SynthConfig(kind=task, image_size=p["size"], labeled=p["labeled"], unlabeled=p["unlabeled"],
                                val=p["val"][task], seed=seed))
@@ -119,8 +119,9 @@ def main():
                                                  "initialisation, and the tables show the mean")
     ap.add_argument("--oracle", action="store_true", help="also train the oracle student (true labels)")
     ap.add_argument("--rounds", type=int, default=1, help="distillation rounds (each student teaches the next)")
-    ap.add_argument("--round-teacher", choices=ROUND_TEACHERS, default="ensemble",
-                    help="who labels for round 2 on: the previous student with the model that taught it, or alone")
+    ap.add_argument("--round-teacher", choices=ROUND_TEACHERS, default="auto",
+                    help="who labels for round 2 on: the previous student alone, with the model that taught it, "
+                         "or auto: whichever labels the validation images better")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); the preset's "
                                                    "schedule bounds follow the device (engine.default_iterations)")
     ap.add_argument("--threads", type=int, default=None,

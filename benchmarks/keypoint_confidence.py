@@ -9,7 +9,8 @@ keypoints below `selection.keypoint_auto_threshold` left unlabeled (as many per 
 labeled set annotates). The unlabeled split's truth is never used.
 
 With --with, another model's views join the ensemble (model ensembling): how a round's student labels
-alone and together with the model that taught it (pipeline.ROUND_TEACHERS).
+alone and together with the model that taught it (pipeline.choose_labeler; benchmarks/round_labelers.py
+measures both for box models too).
 
 Run: python benchmarks/keypoint_confidence.py --teacher runs/kp/teacher.pt --data data/kp [--with runs/kp/student.pt]
      [--out result.json]

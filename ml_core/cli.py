@@ -402,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-control", action="store_true",
                    help="skip the control (the teacher trained on labels alone for the student's iterations)")
     s.add_argument("--rounds", type=int, default=1, help="each round's student teaches the next round")
-    s.add_argument("--round-teacher", choices=("ensemble", "student"), default="ensemble",
-                   help="who labels for round 2 on: the previous student ensembled with the model that taught it "
-                        "(default), or the student alone")
+    s.add_argument("--round-teacher", choices=("auto", "ensemble", "student"), default="auto",
+                   help="who labels for round 2 on: the previous student alone, ensembled with the model that taught "
+                        "it, or auto (default): whichever labels the validation images better")
     _add_keypoint_scales(s)
     _add_keypoint_threshold(s)
     _add_train_options(s)

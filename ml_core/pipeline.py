@@ -405,7 +405,7 @@ class PipelineOptions:
                  options: EnsembleOptions | None = None, num_workers: int = 2, teacher_iterations: int | None = None,
                  student_iterations: int | None = None, validation: bool = True, control: bool = True,
                  rounds: int = 1, oracle: bool = True, keypoint_threshold: str | float | None = "auto",
-                 round_teacher: str = "ensemble"):
+                 round_teacher: str = "auto"):
         self.data, self.out, self.arch, self.transforms = Path(data), Path(out), arch, transforms
         self.teacher_config, self.student_config = teacher_config, student_config
         self.teacher_iterations, self.student_iterations = teacher_iterations, student_iterations
@@ -423,12 +423,39 @@ class PipelineOptions:
                 raise ValueError(f"{self.data} has no {name}; write one with `distill synth` or lay yours out alike")
 
 
-# Who labels the unlabeled images for round r >= 2: the previous round's student alone, or that
-# student ensembled with the model that taught it (its views and theirs in one ensemble). Measured
-# on the validation set (benchmarks/keypoint_confidence.py --with): a student trained on ensembled
-# pseudo-labels gains little from test-time views of its own, and the two models together label
-# better than the student alone (README, "Rounds").
-ROUND_TEACHERS = ("ensemble", "student")
+# Who labels the unlabeled images for round r >= 2: the previous round's student alone, that
+# student ensembled with the model that taught it (its views and theirs in one ensemble), or
+# "auto": whichever of the two labels the validation images better (choose_labeler). Measured on
+# validation (benchmarks/round_labelers.py): a student trained on ensembled pseudo-labels gains
+# little from test-time views of its own; whether its teacher's views add to them depends on how far
+# the student has moved past its teacher (README, "Rounds"), so each run measures it.
+ROUND_TEACHERS = ("auto", "ensemble", "student")
+
+
+def choose_labeler(student: str, taught_by: str, data: Path, transforms: TransformSet, options: EnsembleOptions,
+                   device: str, num_workers: int = 0) -> dict:
+    """Round r >= 2's labeler, chosen on the validation set: the student alone, or the student and
+    the model that taught it in one ensemble. Each labels val.json's images as the unlabeled ones
+    would be (every view; the automatic threshold on these images) and is scored against their
+    labels; the higher kept-set AP wins (OKS AP for keypoint models, box AP otherwise), the student
+    alone on a tie. Returns {"chosen": "student" | "ensemble", "student": quality, "ensemble": quality}."""
+    val, labeled = load_coco(data / "val.json"), load_coco(data / "labeled.json")
+    paths = [str(data / "val" / im["file_name"]) for im in val.images]
+    schema = val.keypoint_schema()
+    target, out = annotated_per_image(labeled), {}
+    for name, extra in (("student", []), ("ensemble", [taught_by])):
+        preds = {}
+        for i, pred, _err in infer(student, paths, transforms=transforms, options=options, device=device,
+                                   num_workers=num_workers, extra_checkpoints=extra):
+            if pred is not None:
+                preds[val.images[i]["id"]] = pred["ensembled"]
+        t = selection.auto_threshold([d["score"] for items in preds.values() for d in items], len(paths), target)
+        doc = pseudo_label_doc({"images": val.images}, preds, t, val.categories)
+        out[name] = pseudo_label_quality(doc, val.to_dict(), schema.sigmas if schema else None)
+    key = "keypoints_AP" if "keypoints_AP" in out["student"] else "bbox_AP"
+    out["chosen"] = "ensemble" if out["ensemble"][key] > out["student"][key] else "student"
+    out["by"] = key
+    return out
 
 
 def _sized(config: TrainConfig, iterations: int | None, num_images: int, device: str) -> TrainConfig:
@@ -460,8 +487,8 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
        minibatches, its schedule sized to the larger data.
     4. The control continues the teacher on labels alone for as many iterations as the student
        got: a gain counts only against the better of teacher and control.
-    5. With rounds > 1, each round's student is the next round's teacher; with round_teacher
-       "ensemble" (the default) together with the model that taught it.
+    5. With rounds > 1, each round's student is the next round's teacher: alone, or together with
+       the model that taught it (round_teacher; "auto", the default, lets the validation set choose).
     With baselines, also a student on single-view pseudo-labels (same threshold rule) and an
     oracle student on the unlabeled split's true labels (needs unlabeled_gt.json).
     Run again on the same folders after a stop, it keeps every model that finished (with the same
@@ -489,8 +516,18 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
     gt = json.loads((d / "unlabeled_gt.json").read_text()) if (d / "unlabeled_gt.json").is_file() else None
     schema = labeled.keypoint_schema()
     thresholds, quality, students, rounds = {}, {}, {}, []
-    current, previous = teacher, []
+    current, taught_by, choices = teacher, None, {}
     for r in range(1, o.rounds + 1):
+        previous = []
+        if taught_by is not None:
+            choice = o.round_teacher
+            if choice == "auto":
+                # without a validation set there is nothing to choose by: the student alone
+                choice = "student"
+                if o.validation:
+                    choices[r] = choose_labeler(current, taught_by, d, o.transforms, o.options, device, o.num_workers)
+                    choice = choices[r]["chosen"]
+            previous = [taught_by] if choice == "ensemble" else []
         tag = "" if r == 1 else f" round {r}"
         pseudo_file = "pseudo_ensembled.json" if r == 1 else f"pseudo_ensembled_r{r}.json"
         ensembled: dict[int, list[dict]] = {}
@@ -546,8 +583,8 @@ def run_pipeline(o: PipelineOptions, hooks_for=lambda name: [], progress_for=lam
                 init="finetune", role="teacher", hooks=hooks_for("control"), **common)
             students["control (teacher + labels only)"] = (None, control)
         rounds.append({"round": r, "teacher": current, "ensembled_with": previous, "student": ckpt, "threshold": t,
-                       "student_iterations": states[name].iteration})
-        current, previous = ckpt, ([current] if o.round_teacher == "ensemble" else [])
+                       "student_iterations": states[name].iteration, **({"labeler_choice": choices[r]} if r in choices else {})})
+        current, taught_by = ckpt, current
 
     results = {"teacher": evaluate(teacher, str(d / "val.json"), str(d / "val"), device=device)}
     for name, (_, ckpt) in students.items():

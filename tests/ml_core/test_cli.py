@@ -17,8 +17,12 @@ def test_pipeline_end_to_end_on_cpu(tmp_path, capsys):
                                       "student (ensembled) round 2"}
     assert "AP" in report["results"]["teacher"]["bbox"] and report["options"]["keypoint_scales"] == "auto"
     assert [r["round"] for r in report["rounds"]] == [1, 2] and report["rounds"][1]["teacher"].endswith("student.pt")
-    # round 2 labels with the student and the model that taught it, together
-    assert report["rounds"][0]["ensembled_with"] == [] and report["rounds"][1]["ensembled_with"] == [str(out / "teacher.pt")]
+    # round 2's labeler, chosen on the validation set: the student alone or with the model that taught it
+    choice = report["rounds"][1]["labeler_choice"]
+    assert choice["by"] == "bbox_AP" and {"precision", "recall", "bbox_AP"} <= set(choice["student"])
+    assert choice["chosen"] == ("ensemble" if choice["ensemble"]["bbox_AP"] > choice["student"]["bbox_AP"] else "student")
+    assert report["rounds"][0]["ensembled_with"] == [] and "labeler_choice" not in report["rounds"][0]
+    assert report["rounds"][1]["ensembled_with"] == ([str(out / "teacher.pt")] if choice["chosen"] == "ensemble" else [])
     assert report["training"]["teacher"]["validation"][-1]["iteration"] == 3
 
 

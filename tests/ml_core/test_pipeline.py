@@ -66,7 +66,7 @@ def test_pipeline_options_name_a_bad_round_teacher(tmp_path):
     from ml_core.transforms import TransformSet
     for name in ("labeled.json", "unlabeled.json", "val.json"):
         (tmp_path / name).write_text("{}")
-    with pytest.raises(ValueError, match="round_teacher must be one of ensemble, student"):
+    with pytest.raises(ValueError, match="round_teacher must be one of auto, ensemble, student"):
         PipelineOptions(str(tmp_path), str(tmp_path / "out"), "fasterrcnn_tiny", TransformSet([64]), TrainConfig(),
                         TrainConfig(), round_teacher="teacher")
 
