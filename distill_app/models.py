@@ -213,7 +213,7 @@ class InferenceRun(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="inference_runs")
     checkpoint = models.ForeignKey(ModelCheckpoint, on_delete=models.PROTECT, related_name="inference_runs")
     # model ensembling: a second model whose views join the same ensemble (a round's student with
-    # the model that taught it: ml_core.pipeline.ROUND_TEACHERS)
+    # the model that taught it, as ml_core.pipeline's rounds can)
     ensemble_with = models.ForeignKey(ModelCheckpoint, on_delete=models.PROTECT, null=True, blank=True,
                                       related_name="ensembled_in")
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="inference_runs")

@@ -361,8 +361,8 @@ class EvaluationSerializer(ModelSerializer):
 
 def compact_instances(per_image: list[list[dict]]) -> list[list]:
     """Instances as the review grid draws them: [x, y, w, h, score, category_id(, keypoints(,
-    keypoint_scores))], boxes to 0.1 px and scores to 1e-5 (as /scores/), keypoint scores to 0.001. One vectorised rounding for a whole page
-    (a page of 100 images x 20 instances is 10,000 numbers)."""
+    keypoint_scores))], boxes to 0.1 px, scores to 1e-5 (as /scores/), keypoint scores to 0.001.
+    One vectorised rounding for a whole page (a page of 100 images x 20 instances is 10,000 numbers)."""
     flat = [d for ens in per_image for d in ens]
     if not flat:
         return [[] for _ in per_image]

@@ -11,6 +11,10 @@ of the group post-processed at once on the device, padded, without per-image Pyt
 the ensembling, the agreement and the keypoint heatmaps batched over the group likewise. The
 plain path (the default on the CPU, where padding costs more than it saves) calls torchvision's
 modules per scale and ensembles image by image.
+
+An ensemble of models (extra_models: e.g. a round's student with the model that taught it) runs
+every model over every view and ensembles all their views together; it takes the plain path, on a
+GPU too (the fast path batches one model's views).
 """
 from __future__ import annotations
 
