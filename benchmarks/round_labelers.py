@@ -3,10 +3,11 @@
 For each run folder of benchmarks/distillation_gain.py (teacher.pt and the round-1 student.pt
 beside data_<task>/), three labelers predict the validation images as inference does (every view,
 ensembled): the teacher (round 1's labeler), the round-1 student alone, and the student and the
-teacher in one ensemble (both models' views; pipeline.ROUND_TEACHERS "ensemble"). Each keeps the
-instances the paper's automatic threshold keeps on these images, and is scored against the
-validation labels: precision and recall at IoU 0.5 and the kept set's COCO AP (box, or OKS for
-keypoint models). The unlabeled split's truth is never used.
+teacher in one ensemble (both models' views; pipeline.ROUND_TEACHERS "ensemble"), each scored by
+pipeline.labeling_quality as pipeline.choose_labeler scores the last two: the instances the paper's
+automatic threshold keeps on these images against the validation labels, precision and recall at
+IoU 0.5 and the kept set's COCO AP (box, or OKS for keypoint models). The unlabeled split's truth
+is never used.
 
 Run: python benchmarks/round_labelers.py benchmarks/out/det_s0/cpu/seed0/run_detection ... [--out result.json]
 """
@@ -19,10 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ml_core import pipeline, selection
-from ml_core.checkpoint import read_checkpoint
-from ml_core.data import load_coco
-from ml_core.schema import KeypointSchema
+from ml_core import pipeline
 from ml_core.transforms import TransformSet
 
 LABELERS = {"teacher": ("teacher.pt", []), "student alone": ("student.pt", []),
@@ -31,24 +29,11 @@ LABELERS = {"teacher": ("teacher.pt", []), "student alone": ("student.pt", []),
 
 def measure(run: Path, scales: list[int], device: str) -> dict:
     data = next(run.parent.glob("data_*"))
-    val, labeled = load_coco(data / "val.json"), load_coco(data / "labeled.json")
-    paths = [str(data / "val" / im["file_name"]) for im in val.images]
-    meta = read_checkpoint(run / "teacher.pt")["meta"]
-    schema = KeypointSchema.from_dict(meta.get("keypoint_schema"))
-    out = {"run": str(run), "images": len(val.images)}
+    out = {"run": str(run)}
     for name, (ckpt, extra) in LABELERS.items():
         t0 = time.time()
-        preds = {}
-        for i, pred, err in pipeline.infer(str(run / ckpt), paths, transforms=TransformSet(scales), device=device,
-                                           num_workers=0, extra_checkpoints=[str(run / e) for e in extra]):
-            if pred is None:
-                raise ValueError(f"validation image unreadable: {err}")
-            preds[val.images[i]["id"]] = pred["ensembled"]
-        scores = [d["score"] for items in preds.values() for d in items]
-        t = selection.auto_threshold(scores, len(val.images), pipeline.annotated_per_image(labeled))
-        doc = pipeline.pseudo_label_doc({"images": val.images}, preds, t, val.categories)
-        out[name] = {"threshold": round(t, 4), **pipeline.pseudo_label_quality(doc, val.to_dict(),
-                                                                               schema.sigmas if schema else None),
+        out[name] = {**pipeline.labeling_quality(str(run / ckpt), data, TransformSet(scales), device=device,
+                                                 extra_checkpoints=[str(run / e) for e in extra]),
                      "seconds": round(time.time() - t0, 1)}
         print(name, out[name], flush=True)
     return out

@@ -432,26 +432,34 @@ class PipelineOptions:
 ROUND_TEACHERS = ("auto", "ensemble", "student")
 
 
-def choose_labeler(student: str, taught_by: str, data: Path, transforms: TransformSet, options: EnsembleOptions,
-                   device: str, num_workers: int = 0) -> dict:
-    """Round r >= 2's labeler, chosen on the validation set: the student alone, or the student and
-    the model that taught it in one ensemble. Each labels val.json's images as the unlabeled ones
-    would be (every view; the automatic threshold on these images) and is scored against their
-    labels; the higher kept-set AP wins (OKS AP for keypoint models, box AP otherwise), the student
-    alone on a tie. Returns {"chosen": "student" | "ensemble", "student": quality, "ensemble": quality}."""
+def labeling_quality(checkpoint: str, data: Path, transforms: TransformSet, options: EnsembleOptions | None = None,
+                     device: str | None = None, num_workers: int = 0, extra_checkpoints: Sequence[str] = ()) -> dict:
+    """How well a model (with extra_checkpoints: an ensemble of models) would label, measured on the
+    validation set: it predicts val.json's images as inference does (every view, ensembled), keeps
+    what the paper's automatic threshold keeps on these images, and pseudo_label_quality scores that
+    against their labels (the unlabeled split's truth is never used)."""
     val, labeled = load_coco(data / "val.json"), load_coco(data / "labeled.json")
     paths = [str(data / "val" / im["file_name"]) for im in val.images]
     schema = val.keypoint_schema()
-    target, out = annotated_per_image(labeled), {}
-    for name, extra in (("student", []), ("ensemble", [taught_by])):
-        preds = {}
-        for i, pred, _err in infer(student, paths, transforms=transforms, options=options, device=device,
-                                   num_workers=num_workers, extra_checkpoints=extra):
-            if pred is not None:
-                preds[val.images[i]["id"]] = pred["ensembled"]
-        t = selection.auto_threshold([d["score"] for items in preds.values() for d in items], len(paths), target)
-        doc = pseudo_label_doc({"images": val.images}, preds, t, val.categories)
-        out[name] = pseudo_label_quality(doc, val.to_dict(), schema.sigmas if schema else None)
+    preds = {}
+    for i, pred, _err in infer(checkpoint, paths, transforms=transforms, options=options, device=device,
+                               num_workers=num_workers, extra_checkpoints=extra_checkpoints):
+        if pred is not None:
+            preds[val.images[i]["id"]] = pred["ensembled"]
+    t = selection.auto_threshold([d["score"] for items in preds.values() for d in items], len(paths),
+                                 annotated_per_image(labeled))
+    doc = pseudo_label_doc({"images": val.images}, preds, t, val.categories)
+    return {"threshold": round(t, 4), **pseudo_label_quality(doc, val.to_dict(), schema.sigmas if schema else None)}
+
+
+def choose_labeler(student: str, taught_by: str, data: Path, transforms: TransformSet, options: EnsembleOptions,
+                   device: str, num_workers: int = 0) -> dict:
+    """Round r >= 2's labeler, chosen on the validation set (labeling_quality): the student alone, or
+    the student and the model that taught it in one ensemble. The higher kept-set AP wins (OKS AP for
+    keypoint models, box AP otherwise), the student alone on a tie.
+    Returns {"chosen": "student" | "ensemble", "by": the AP's name, "student": quality, "ensemble": quality}."""
+    out = {name: labeling_quality(student, data, transforms, options, device, num_workers, extra)
+           for name, extra in (("student", []), ("ensemble", [taught_by]))}
     key = "keypoints_AP" if "keypoints_AP" in out["student"] else "bbox_AP"
     out["chosen"] = "ensemble" if out["ensemble"][key] > out["student"][key] else "student"
     out["by"] = key
