@@ -349,6 +349,7 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
 
     def perform_create(self, serializer):
         from ml_core.transforms import TransformSet
+        from ml_core.tta import model_view_name
         project = serializer.validated_data["project"]
         job = _new_job(self.request, project, "infer")
         n = Image.objects.filter(dataset=serializer.validated_data["dataset"]).count()
@@ -356,9 +357,9 @@ class InferenceRunViewSet(JobControl, mixins.CreateModelMixin, mixins.ListModelM
         if v is not None:
             n += Image.objects.filter(dataset=v).count()
         cs = serializer.validated_data["chunk_size"]
-        views = [vw.name for vw in TransformSet.from_dict(serializer.validated_data["transforms"]).views]
-        if serializer.validated_data.get("ensemble_with") is not None:  # MultiTransformPredictor's names
-            views = [f"m{k}-{name}" for k in (1, 2) for name in views]
+        n_models = 1 if serializer.validated_data.get("ensemble_with") is None else 2
+        views = [model_view_name(vw.name, k, n_models) for k in range(n_models)
+                 for vw in TransformSet.from_dict(serializer.validated_data["transforms"]).views]
         run = serializer.save(job=job, chunks_total=math.ceil(n / cs), view_names=views)
         _launch(job, run)
 

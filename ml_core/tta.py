@@ -146,6 +146,12 @@ class ImagePrediction:
                 "views": {name: inst.as_list() for name, inst in self.views.items()}}
 
 
+def model_view_name(name: str, model: int, num_models: int) -> str:
+    """A view's name in an ensemble of num_models models: one model's views keep their names
+    (s96, s96-flip); several models' are m1-s96, m2-s96, ... (model counts from 0)."""
+    return name if num_models == 1 else f"m{model + 1}-{name}"
+
+
 class MultiTransformPredictor:
     """Runs a torchvision detector over a TransformSet and ensembles the views."""
 
@@ -282,8 +288,6 @@ class MultiTransformPredictor:
         flipped = [im.flip(-1) for im in images] if self.transforms.flip else []
         per_scale = []  # (model, view list, feats, image_sizes) of the keypoint scales, for the keypoint pass
         for k, model in enumerate(self.models):
-            # one model's views keep their names; an ensemble of models names them m1-s96, m2-s96, ...
-            prefix = f"m{k + 1}-" if len(self.models) > 1 else ""
             for scale in self.transforms.scales:
                 batch = images + flipped
                 dets, shown_dets, feats, image_sizes = self._forward(model, batch, scale, shown)
@@ -294,7 +298,7 @@ class MultiTransformPredictor:
                     r = results[j % n]
                     union = self._instances(dets[j], v, r.width)
                     unions[j % n].append(union)
-                    r.views[prefix + v.name] = union if shown_dets is None else \
+                    r.views[model_view_name(v.name, k, len(self.models))] = union if shown_dets is None else \
                         self._instances(shown_dets[j], v, r.width)
         merged = ensemble.ensemble_boxes_batch([torch.cat([u.boxes for u in un]) for un in unions],
                                                [torch.cat([u.scores for u in un]) for un in unions],
