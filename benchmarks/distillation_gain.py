@@ -64,9 +64,9 @@ def run_task(task: str, p: dict, out: Path, seed: int, oracle: bool = True, roun
                                val=p["val"][task], seed=seed))
     # a checkpoint every 500 iterations: a run stopped (a session's end, a killed process) continues
     # from there when started again on the same --out, and every model that finished stands
-    teacher_cfg = TrainConfig(batch_size=p["batch"], lr=0.02, warmup_iters=50, num_workers=2, seed=seed,
+    teacher_cfg = TrainConfig(batch_size=p["batch"], lr=0.02, warmup_iters=50, seed=seed,
                               checkpoint_every=500)
-    student_cfg = TrainConfig(batch_size=p["batch"], lr=0.02, warmup_iters=50, ratio="6:4", num_workers=2, seed=seed,
+    student_cfg = TrainConfig(batch_size=p["batch"], lr=0.02, warmup_iters=50, ratio="6:4", seed=seed,
                               checkpoint_every=500)
     t = time.time()
     r = run_pipeline(PipelineOptions(data=str(data), out=str(out / f"run_{task}"), arch=p["arch"][task],

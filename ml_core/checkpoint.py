@@ -90,8 +90,9 @@ def load_model(path, device="cpu", name: str | None = None) -> tuple[torch.nn.Mo
 def load_state(model: torch.nn.Module, ckpt: dict, name: str = "checkpoint"):
     """Load a Distill checkpoint's weights into the model its metadata describes, every tensor: a
     ValueError says what does not fit. A checkpoint of an earlier layout of its architecture (e.g.
-    keypointrcnn_tiny before its stride-4 keypoint map) lacks the layers added since: it is refused,
-    never run with those layers at their random initialisation."""
+    keypointrcnn_tiny before its stride-4 keypoint map) lacks the layers added since, or has layers
+    of other sizes (keypointrcnn_tiny's box head before 2026-11-28): it is refused, never run with
+    layers at their random initialisation."""
     state, meta = ckpt["model"], ckpt.get("meta") or {}
     arch = meta.get("arch", "model")
     what = f"a {arch}" + (f" with {len(meta['categories'])} categories" if "categories" in meta else "")
@@ -102,5 +103,10 @@ def load_state(model: torch.nn.Module, ckpt: dict, name: str = "checkpoint"):
         if missing:
             listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ValueError(f"{name}: the weights do not fit {what}: they lack {listed} (a checkpoint of an "
+                             f"earlier version of {arch}? train it again)") from None
+        sizes = [k for k, v in model.state_dict().items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        if sizes:
+            listed = ", ".join(sizes[:4]) + (f" and {len(sizes) - 4} more" if len(sizes) > 4 else "")
+            raise ValueError(f"{name}: the weights do not fit {what}: {listed} differ in size (a checkpoint of an "
                              f"earlier version of {arch}? train it again)") from None
         raise ValueError(f"{name}: the weights do not fit {what} ({' '.join(str(e).split())[:200]})") from None

@@ -149,13 +149,30 @@ def _build_keypointrcnn_r18(num_classes, num_keypoints, **kw):
 # it is re-classed to _NamedMapsRPN (no state of its own, the same state dict keys). Checkpoints
 # of the earlier layout (keypoints pooled from "0") lack backbone.lateral and backbone.smooth and
 # are refused with a ValueError when loaded (checkpoint.load_state).
+#
+# Its box head is lighter than fasterrcnn_tiny's, so a keypoint model trains in about the time
+# the CPU benchmark allows (training steps of batch 4 at 96 px on two cores, benchmarks/keypoint_step.py:
+# 4.0-4.5 steps/s with fasterrcnn_tiny's box head, 8.4-9.6 with this one):
+# - 32 sampled RoIs per image, not 64. Its images hold 1-3 figures where detection's hold 1-6
+#   objects, so at the same foreground fraction (a quarter) each object still gets as many
+#   positive RoIs; the keypoint head trains on those positives, and with 64 it was half of a step.
+# - A box head of 256 features, not 1,024: Detectron's MLP head has 1,024 for 12,544 inputs
+#   (7x7x256); 2,352 inputs (7x7x48) at that ratio get about 200.
+# Checkpoints of the heavier box head (before 2026-11-28) do not fit and are refused when loaded.
+_TINY_KEYPOINT_BOX_FEATURES = 256
+
+
 def _build_keypointrcnn_tiny(num_classes, num_keypoints, **kw):
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
-    model = KeypointRCNN(_TinyKeypointBackbone(), num_classes=num_classes,
-                         rpn_anchor_generator=_tiny_anchors(), box_roi_pool=_roi_pool(7),
+    backbone = _TinyKeypointBackbone()
+    box_features = _TINY_KEYPOINT_BOX_FEATURES
+    model = KeypointRCNN(backbone, num_classes=None, rpn_anchor_generator=_tiny_anchors(), box_roi_pool=_roi_pool(7),
+                         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_features),
+                         box_predictor=FastRCNNPredictor(box_features, num_classes),
                          keypoint_roi_pool=_roi_pool(14, "p2"), keypoint_head=KeypointRCNNHeads(48, (64, 64)),
                          keypoint_predictor=KeypointRCNNPredictor(64, num_keypoints),
-                         **{**_TINY_HEADS, **kw})
+                         **{**_TINY_HEADS, "box_batch_size_per_image": 32, **kw})
     model.rpn.__class__ = _NamedMapsRPN
     return model
 

@@ -96,6 +96,20 @@ def test_a_keypointrcnn_tiny_checkpoint_of_the_stride_8_layout_is_refused(tmp_pa
         load_model(tmp_path / "old.pt")
 
 
+def test_a_keypointrcnn_tiny_checkpoint_of_the_heavier_box_head_is_refused(tmp_path):
+    # keypointrcnn_tiny before 2026-11-28 had fasterrcnn_tiny's box head (1,024 features)
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from ml_core.schema import KeypointSchema
+    m, _ = build_model("keypointrcnn_tiny", 2, 3, min_size=64, max_size=96)
+    m.roi_heads.box_head = TwoMLPHead(48 * 7 * 7, 1024)
+    m.roi_heads.box_predictor = FastRCNNPredictor(1024, 2)
+    meta = model_meta("keypointrcnn_tiny", [{"id": 1, "name": "person"}], KeypointSchema(names=["a", "b", "c"]), 64, 96)
+    torch.save({"meta": meta, "model": m.state_dict()}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old.pt: the weights do not fit a keypointrcnn_tiny .*: "
+                                         r"roi_heads.box_head.fc6.weight.* differ in size .*earlier version of keypointrcnn_tiny"):
+        load_model(tmp_path / "old.pt")
+
+
 def test_a_plain_state_dict_loads_as_initial_weights(tmp_path):
     # torchvision's published files are plain state dicts: they must keep working.
     m, _ = build_model("fasterrcnn_tiny", 3, min_size=64, max_size=96)
