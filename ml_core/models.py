@@ -150,12 +150,13 @@ def _build_keypointrcnn_r18(num_classes, num_keypoints, **kw):
 # of the earlier layout (keypoints pooled from "0") lack backbone.lateral and backbone.smooth and
 # are refused with a ValueError when loaded (checkpoint.load_state).
 #
-# Its box head is lighter than fasterrcnn_tiny's, so a keypoint model trains in about the time
-# the CPU benchmark allows (training steps of batch 4 at 96 px on two cores, benchmarks/keypoint_step.py:
-# 4.0-4.5 steps/s with fasterrcnn_tiny's box head, 8.4-9.6 with this one):
+# Its box head is lighter than fasterrcnn_tiny's, so a keypoint model trains in the time the CPU
+# benchmark allows (training steps of batch 4 at 96 px on two cores, benchmarks/keypoint_step.py:
+# 7.88 steps/s against 4.48 with fasterrcnn_tiny's box head, x1.76):
 # - 32 sampled RoIs per image, not 64. Its images hold 1-3 figures where detection's hold 1-6
 #   objects, so at the same foreground fraction (a quarter) each object still gets as many
-#   positive RoIs; the keypoint head trains on those positives, and with 64 it was half of a step.
+#   positive RoIs. With 64, the box head on the RoIs and the keypoint head on their positives were
+#   about half of a step.
 # - A box head of 256 features, not 1,024: Detectron's MLP head has 1,024 for 12,544 inputs
 #   (7x7x256); 2,352 inputs (7x7x48) at that ratio get about 200.
 # Checkpoints of the heavier box head (before 2026-11-28) do not fit and are refused when loaded.
