@@ -469,11 +469,13 @@ def import_coco(dataset: Dataset, doc: dict, skip_invalid: bool = False) -> dict
 
 def dataset_to_coco(dataset: Dataset, with_annotations: bool = True) -> dict:
     """The dataset as a COCO document whose file_names are paths under MEDIA_ROOT."""
-    images = list(Image.objects.filter(dataset=dataset).values("id", "file", "width", "height"))
+    images = list(Image.objects.filter(dataset=dataset).order_by("id")
+                  .values("id", "file", "width", "height"))
     doc = {"images": [{"id": i["id"], "file_name": i["file"], "width": i["width"], "height": i["height"]} for i in images],
            "categories": dataset.project.categories, "annotations": []}
     if with_annotations:
-        for a in Annotation.objects.filter(image__dataset=dataset).values("id", "image_id", "category_id", "bbox", "keypoints", "iscrowd"):
+        annotations = Annotation.objects.filter(image__dataset=dataset).order_by("id")
+        for a in annotations.values("id", "image_id", "category_id", "bbox", "keypoints", "iscrowd"):
             ann = {"id": a["id"], "image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
                    "iscrowd": int(a["iscrowd"]), "area": a["bbox"][2] * a["bbox"][3]}
             if a["keypoints"] is not None:

@@ -330,14 +330,16 @@ def fit(model: torch.nn.Module, labeled, config: TrainConfig, *, pseudo=None, ho
 
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
         ckpt = read_checkpoint(checkpoint_path)
-        if "optimizer" not in ckpt and meta is not None and "inputs" in meta and \
-                _what_trains(ckpt.get("config")) == _what_trains(plain(config.to_dict())) and \
-                _what_trains(ckpt["meta"], "config") == _what_trains(plain(meta), "config"):
-            # finished earlier with these very settings and inputs (the same files, by their
-            # digests: a pipeline run again after it stopped): its weights and curves stand,
-            # and nothing is trained twice
+        # the same settings and inputs (the same files, by their digests) as the saved run's
+        same = _what_trains(ckpt.get("config")) == _what_trains(plain(config.to_dict())) and \
+            _what_trains(ckpt["meta"], "config") == _what_trains(plain(meta or {}), "config")
+        if "optimizer" not in ckpt and same and meta is not None and "inputs" in meta:
+            # finished earlier with these very settings and inputs (a pipeline run again after it
+            # stopped): its weights and curves stand, and nothing is trained twice
             return _finished(model, ckpt, config, hooks, device)
-        if "optimizer" in ckpt and ckpt.get("iteration", 0) < config.iterations:
+        # a run stopped part-way continues only on what it began with: with other settings or
+        # inputs (new pseudo-labels, say) it starts over rather than finish the old model
+        if "optimizer" in ckpt and same and ckpt.get("iteration", 0) < config.iterations:
             load_state(model, ckpt, os.path.basename(str(checkpoint_path)))
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])

@@ -92,6 +92,34 @@ def test_teacher_training_cancel_and_resume(det_data, tmp_path):
     assert longer.seen == list(range(1, 8)) and state.iteration == 7
 
 
+def test_a_run_stopped_part_way_starts_over_on_other_inputs_or_settings(det_data, tmp_path):
+    """A partial checkpoint continues only on what it began with: run again with other data (new
+    pseudo-labels, say) or other settings, training starts from the beginning instead of finishing
+    the old model on the new inputs."""
+    labeled, root, out = str(det_data / "labeled.json"), str(det_data / "labeled"), tmp_path / "t.pt"
+    with pytest.raises(Cancelled):
+        pipeline.train(labeled, root, str(out), arch="fasterrcnn_tiny", config=_cfg(), hooks=[StopAt(3)], device="cpu")
+    other = tmp_path / "labeled_copy.json"
+    other.write_text((det_data / "labeled.json").read_text() + " ")
+    changed = StopAt(-1)
+    pipeline.train(str(other), root, str(out), arch="fasterrcnn_tiny", config=_cfg(), hooks=[changed], device="cpu")
+    assert changed.seen == list(range(1, 7))
+
+    with pytest.raises(Cancelled):
+        pipeline.train(labeled, root, str(out), arch="fasterrcnn_tiny", config=_cfg(), hooks=[StopAt(3)], device="cpu")
+    assert read_checkpoint(out)["iteration"] == 3
+    longer = StopAt(-1)
+    state = pipeline.train(labeled, root, str(out), arch="fasterrcnn_tiny", config=_cfg(iterations=7), hooks=[longer],
+                           device="cpu")
+    assert longer.seen == list(range(1, 8)) and state.iteration == 7
+    # the same settings and inputs again: it goes on from where it stopped
+    with pytest.raises(Cancelled):
+        pipeline.train(labeled, root, str(out), arch="fasterrcnn_tiny", config=_cfg(), hooks=[StopAt(3)], device="cpu")
+    resumed = StopAt(-1)
+    pipeline.train(labeled, root, str(out), arch="fasterrcnn_tiny", config=_cfg(), hooks=[resumed], device="cpu")
+    assert resumed.seen == [4, 5, 6]
+
+
 def test_student_retrains_from_the_teacher_initialisation(det_data, tmp_path):
     teacher = tmp_path / "teacher.pt"
     pipeline.train(str(det_data / "labeled.json"), str(det_data / "labeled"), str(teacher), arch="fasterrcnn_tiny",
