@@ -39,7 +39,8 @@ def _keep(instances: list[dict], thresholds: dict) -> list[dict]:
 
 
 def labeled_keypoint_fraction(project) -> float | None:
-    """The share of keypoints the project's labeled sets annotate (v > 0); None without keypoints."""
+    """The share of keypoints the project's labeled sets annotate (v > 0) on their instances with
+    keypoints (selection.annotated_keypoint_fraction); None without keypoints."""
     rows = Annotation.objects.filter(image__dataset__project=project, image__dataset__role="labeled",
                                      keypoints__isnull=False).values_list("keypoints", flat=True)
     return selection.annotated_keypoint_fraction(rows.iterator(chunk_size=2000))

@@ -88,11 +88,16 @@ def keypoint_threshold_for(rule, keypoint_scores, fraction: float | None) -> flo
 
 
 def annotated_keypoint_fraction(keypoint_lists) -> float | None:
-    """The share of keypoints annotated (v > 0) over flat COCO keypoint lists; None without any."""
+    """The share of keypoints annotated (v > 0) over flat COCO keypoint lists of the instances with
+    at least one annotated keypoint; None without any. An instance with none (COCO's num_keypoints 0:
+    a person too small or too hidden to place any) says nothing of how many keypoints an annotator
+    leaves out of one that can be placed, which is what a kept pseudo-label is."""
     shown = total = 0
     for kps in keypoint_lists:
         vis = kps[2::3] if kps else []
-        shown, total = shown + sum(1 for v in vis if v > 0), total + len(vis)
+        n = sum(1 for v in vis if v > 0)
+        if n:
+            shown, total = shown + n, total + len(vis)
     return shown / total if total else None
 
 

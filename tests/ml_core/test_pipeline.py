@@ -52,6 +52,10 @@ def test_keypoint_threshold_rules():
                        annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5],
                                      "keypoints": [1, 1, 2, 2, 2, 1, 0, 0, 0, 3, 3, 2], "num_keypoints": 3}])
     assert labeled_keypoint_fraction(labeled) == pytest.approx(0.75)
+    # an instance with no keypoint placed (COCO's num_keypoints 0, a person too small) does not count
+    labeled.annotations.append({"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2],
+                                "keypoints": [0] * 12, "num_keypoints": 0})
+    assert labeled_keypoint_fraction(labeled) == pytest.approx(0.75)
     kept = [4.0, 3.0, 2.0, 1.0]   # the kept instances' keypoint scores
     assert keypoint_threshold_for("auto", kept, 0.75) == 2.0
     assert keypoint_threshold_for(None, kept, 0.75) is None
